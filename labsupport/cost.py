@@ -1,0 +1,154 @@
+"""Cost arithmetic: a hardware table with sources, and training/inference cost and energy.
+
+Every formula says in its docstring what it counts and what it leaves out. Prices change fast:
+each one carries the date it was read. Introduced in lab 00; every lab that quotes dollars,
+GPU-hours or joules uses these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SECONDS_PER_HOUR = 3600.0
+HOURS_PER_YEAR = 24 * 365.25
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator: dense 16-bit tensor peak, memory, power and a typical rental price."""
+
+    name: str
+    peak_flops: float  # dense BF16/FP16 tensor-core FLOP/s (no 2:4 sparsity)
+    mem_bandwidth: float  # bytes/s of device memory
+    memory_bytes: float  # device memory
+    watts: float  # board power (TDP)
+    usd_per_hour: float  # a typical cloud price per GPU-hour
+    price_date: str  # when that price was read
+    source: str  # where the specs and the price come from
+
+    @property
+    def ridge_flops_per_byte(self) -> float:
+        """Arithmetic intensity where the roofline turns from memory- to compute-bound."""
+        return self.peak_flops / self.mem_bandwidth
+
+
+HARDWARE: dict[str, Hardware] = {
+    "V100": Hardware(
+        "NVIDIA V100 SXM2 32GB", peak_flops=125e12, mem_bandwidth=900e9, memory_bytes=32e9,
+        watts=300, usd_per_hour=1.48, price_date="2020-06",
+        source="NVIDIA V100 datasheet (125 TFLOPS FP16 tensor, 900 GB/s, 300 W); price implied "
+               "by Lambda's GPT-3 estimate, $4.6M / 355 GPU-years (lambda2020gpt3)"),
+    "A100": Hardware(
+        "NVIDIA A100 SXM4 80GB", peak_flops=312e12, mem_bandwidth=2039e9, memory_bytes=80e9,
+        watts=400, usd_per_hour=1.80, price_date="2026",
+        source="NVIDIA A100 datasheet (312 TFLOPS dense BF16, 2,039 GB/s, 400 W); typical "
+               "2026 cloud price ~$1.8/GPU-h (course factsheet, cloud price notes)"),
+    "H100": Hardware(
+        "NVIDIA H100 SXM5 80GB", peak_flops=989e12, mem_bandwidth=3350e9, memory_bytes=80e9,
+        watts=700, usd_per_hour=3.00, price_date="2026",
+        source="NVIDIA H100 datasheet (989 TFLOPS dense BF16; 1,979 includes 2:4 sparsity; "
+               "3.35 TB/s, 700 W); 2026 specialty-cloud prices $2.5-3.5/GPU-h"),
+    "H200": Hardware(
+        "NVIDIA H200 SXM 141GB", peak_flops=989e12, mem_bandwidth=4800e9, memory_bytes=141e9,
+        watts=700, usd_per_hour=4.00, price_date="2026-05",
+        source="NVIDIA H200 datasheet (same GH100 compute as H100: 989 TFLOPS dense BF16; "
+               "141 GB HBM3e at 4.8 TB/s, 700 W); May 2026 specialty-cloud prices $3.5-4.5/GPU-h"),
+}
+
+
+def hardware(name: str) -> Hardware:
+    """A row of the hardware table by short name (V100, A100, H100, H200)."""
+    if name not in HARDWARE:
+        raise ValueError(f"unknown hardware {name!r}; known: {sorted(HARDWARE)}")
+    return HARDWARE[name]
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def training_flops(n_params: float, n_tokens: float) -> float:
+    """Training compute C = 6ND: 2 FLOPs per parameter per token forward, 4 backward.
+
+    Leaves out attention's sequence-length term (a few % for GPT-3-like shapes) and any
+    recomputation; Hoffmann et al. (App. F) find the full count within 0.99-1.10 x 6ND.
+    """
+    _positive(n_params=n_params, n_tokens=n_tokens)
+    return 6.0 * n_params * n_tokens
+
+
+def inference_flops_per_token(n_params: float) -> float:
+    """Forward-pass compute per generated token, about 2N (attention over the context ignored)."""
+    _positive(n_params=n_params)
+    return 2.0 * n_params
+
+
+def gpu_hours(flops: float, peak_flops: float, utilization: float = 1.0) -> float:
+    """GPU-hours to do `flops` at `utilization` (MFU) of a GPU's peak FLOP/s."""
+    _positive(flops=flops, peak_flops=peak_flops)
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization!r}")
+    return flops / (peak_flops * utilization) / SECONDS_PER_HOUR
+
+
+def training_cost_usd(flops: float, hw: Hardware, utilization: float,
+                      usd_per_hour: float | None = None) -> float:
+    """Rental cost of a training run: GPU-hours x $/GPU-hour (the table's price by default).
+
+    Counts accelerator time only: no failed runs, experiments, storage, staff or networking.
+    """
+    price = hw.usd_per_hour if usd_per_hour is None else usd_per_hour
+    _positive(usd_per_hour=price)
+    return gpu_hours(flops, hw.peak_flops, utilization) * price
+
+
+def energy_kwh(gpu_hours_: float, watts: float, pue: float = 1.0) -> float:
+    """Electricity for `gpu_hours_` at `watts` average draw per GPU, times the datacenter PUE."""
+    _positive(gpu_hours=gpu_hours_, watts=watts)
+    if pue < 1:
+        raise ValueError(f"pue (power usage effectiveness) must be >= 1, got {pue!r}")
+    return gpu_hours_ * watts * pue / 1000.0
+
+
+def co2_tonnes(kwh: float, kg_per_kwh: float) -> float:
+    """Operational emissions: energy x the grid's carbon intensity (kgCO2e/kWh), in tonnes."""
+    _positive(kwh=kwh, kg_per_kwh=kg_per_kwh)
+    return kwh * kg_per_kwh / 1000.0
+
+
+def fleet_usd_per_day(n_gpus: float, usd_per_gpu_hour: float) -> float:
+    """What a fleet of GPUs rented around the clock costs per day."""
+    _positive(n_gpus=n_gpus, usd_per_gpu_hour=usd_per_gpu_hour)
+    return n_gpus * usd_per_gpu_hour * 24.0
+
+
+def usd_per_query(usd_per_day: float, daily_users: float, queries_per_user: float) -> float:
+    """Daily cost spread over the day's queries."""
+    _positive(usd_per_day=usd_per_day, daily_users=daily_users,
+              queries_per_user=queries_per_user)
+    return usd_per_day / (daily_users * queries_per_user)
+
+
+def usd_per_mtok(tokens_per_s: float, usd_per_hour: float) -> float:
+    """Dollars per million tokens for a machine rented at `usd_per_hour` producing tokens_per_s."""
+    _positive(tokens_per_s=tokens_per_s, usd_per_hour=usd_per_hour)
+    return usd_per_hour / (tokens_per_s * SECONDS_PER_HOUR) * 1e6
+
+
+def joules_per_token(watts: float, tokens_per_s: float) -> float:
+    """Energy per token at an average power draw: W / (tokens/s) = J/token."""
+    _positive(watts=watts, tokens_per_s=tokens_per_s)
+    return watts / tokens_per_s
+
+
+def decode_tokens_per_s_roofline(weight_bytes: float, mem_bandwidth: float,
+                                 batch: int = 1) -> float:
+    """Upper bound on memory-bound decoding: each step reads every weight once for the batch.
+
+    Leaves out KV-cache reads (small at short context) and assumes compute is never the limit,
+    which holds while batch x 2 FLOPs/param stays below the hardware's ridge point.
+    """
+    _positive(weight_bytes=weight_bytes, mem_bandwidth=mem_bandwidth, batch=batch)
+    return batch * mem_bandwidth / weight_bytes

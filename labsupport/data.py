@@ -1,0 +1,160 @@
+"""The course corpus and tokenizer: the Python standard library, byte-level BPE, token tensors.
+
+The corpus is the source of the running interpreter's standard library (no download, the same on
+every Python install). Files are split into train and validation by a hash of their path, and a
+few packages are held out entirely as a "new domain" for the fine-tuning labs. Introduced in
+lab 00; every lab that trains uses `tokens()` and `get_batch()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from .runtime import cache_dir, cached_tensors, stable_hash
+
+DATA_VERSION = 1  # bump when the corpus selection or the tokenizer recipe changes
+SPLITS = ("train", "val", "new_domain")
+HELD_OUT_PACKAGES = ("email", "tkinter")  # the fine-tuning labs' "new domain"
+VAL_FRACTION = 0.08
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+EOT = "<|endoftext|>"  # separates files in the token stream; id 0
+
+
+def stdlib_root() -> Path:
+    """Folder holding the running interpreter's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@lru_cache(maxsize=1)
+def corpus_files() -> dict[str, list[Path]]:
+    """Standard-library .py files (tests left out) grouped by split: train, val, new_domain."""
+    root = stdlib_root()
+    splits: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        if rel.parts[0] in HELD_OUT_PACKAGES:
+            splits["new_domain"].append(path)
+        elif hashlib.sha1(rel.as_posix().encode()).digest()[0] < 256 * VAL_FRACTION:
+            splits["val"].append(path)
+        else:
+            splits["train"].append(path)
+    if not splits["train"]:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return splits
+
+
+def read_texts(split: str) -> list[str]:
+    """The text of every file in `split`, in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [p.read_text(encoding="utf-8", errors="replace") for p in corpus_files()[split]]
+
+
+def corpus_fingerprint() -> str:
+    """A hash of what the corpus contains here: Python version, file names and sizes."""
+    root = stdlib_root()
+    listing = [
+        (s, p.relative_to(root).as_posix(), p.stat().st_size)
+        for s, paths in corpus_files().items() for p in paths
+    ]
+    return stable_hash([DATA_VERSION, sys.version_info[:3], listing])
+
+
+def corpus_stats() -> dict[str, dict[str, int]]:
+    """Files and bytes per split."""
+    return {s: {"files": len(ps), "bytes": sum(p.stat().st_size for p in ps)}
+            for s, ps in corpus_files().items()}
+
+
+def _tokenizer_path(vocab_size: int) -> Path:
+    return cache_dir() / "data" / f"bpe-v{vocab_size}-{corpus_fingerprint()}.json"
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
+    )
+    tok.train_from_iterator(read_texts("train"), trainer=trainer)
+    return tok
+
+
+def tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on the train split; cached per vocabulary size."""
+    from tokenizers import Tokenizer
+
+    if not 256 + 1 <= vocab_size <= 65535:
+        raise ValueError(f"vocab_size must be in 257..65535 (bytes + <|endoftext|>, and token "
+                         f"ids stored as uint16), got {vocab_size}")
+    path = _tokenizer_path(vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                tok = Tokenizer.from_file(str(path))
+                if tok.get_vocab_size() == vocab_size and tok.token_to_id(EOT) == 0:
+                    return tok
+            except Exception:  # a garbled file: rebuild it below
+                pass
+        tok = _train_tokenizer(vocab_size)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        tok.save(tmp)
+        os.replace(tmp, path)
+        return tok
+
+
+def tokens(split: str = "train", vocab_size: int = 4096) -> torch.Tensor:
+    """All token ids of a split as one 1-D int64 tensor, files separated by <|endoftext|>."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = cache_dir() / "data" / f"tokens-{split}-v{vocab_size}-{corpus_fingerprint()}.safetensors"
+
+    def build():
+        tok = tokenizer(vocab_size)
+        encoded = tok.encode_batch(read_texts(split))  # batch: one 12 MB string is ~10x slower
+        eot = np.zeros(1, dtype=np.uint16)
+        ids = np.concatenate([x for e in encoded for x in (np.asarray(e.ids, np.uint16), eot)])
+        meta = {"split": split, "vocab_size": vocab_size, "files": len(encoded)}
+        return {"ids": torch.from_numpy(ids)}, meta
+
+    tensors, _ = cached_tensors(path, build, desc=f"{split} tokens")
+    return tensors["ids"].long()
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: inputs x (B, T) and next-token targets y (B, T)."""
+    if data.numel() < seq_len + 2:
+        raise ValueError(f"data has {data.numel()} tokens, fewer than seq_len + 2 = "
+                         f"{seq_len + 2}")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    offsets = torch.arange(seq_len + 1)
+    windows = data[starts[:, None] + offsets]  # (B, T + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def data_summary(vocab_size: int = 4096) -> dict:
+    """Files, bytes, tokens and bytes per token of every split, for the labs' data tables."""
+    stats = corpus_stats()
+    for split in SPLITS:
+        n = tokens(split, vocab_size).numel()
+        stats[split].update(tokens=n, bytes_per_token=round(stats[split]["bytes"] / n, 2))
+    return stats

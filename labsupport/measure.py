@@ -1,0 +1,152 @@
+"""Measuring: a timer with warm-up and repeats, bytes, peak memory, FLOPs, the machine's limits.
+
+Introduced in lab 00 ("This machine"). Every speed table in the course comes from `time_fn`,
+and every roofline from `matmul_flops_per_s` and `memory_bandwidth_bytes_per_s`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from .model import ModelConfig
+
+
+def _sync(dev: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (dev is None or torch.device(dev).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    """Seconds per call over repeats: median, quartiles and extremes."""
+
+    times_s: list[float] = field(repr=False)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def max_s(self) -> float:
+        return max(self.times_s)
+
+    @property
+    def iqr_s(self) -> float:
+        """Interquartile range, a spread that one slow outlier does not inflate."""
+        if len(self.times_s) < 2:
+            return 0.0
+        q = statistics.quantiles(self.times_s, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    @property
+    def spread(self) -> float:
+        """IQR relative to the median."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"median {self.median_s * 1e3:.2f} ms (IQR {self.iqr_s * 1e3:.2f} ms, "
+                f"{len(self.times_s)} repeats)")
+
+
+def time_fn(fn, warmup: int = 1, repeats: int = 5, device: str | None = None) -> Timing:
+    """Time fn() `repeats` times after `warmup` untimed calls, synchronising CUDA around each."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Timing(times)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes held by the given tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's saved state (parameters, persistent buffers); tied weights once."""
+    by_storage = {t.data_ptr(): tensor_bytes(t) for t in model.state_dict().values()}
+    return sum(by_storage.values())
+
+
+def peak_memory_bytes(fn, interval_s: float = 0.001) -> int:
+    """Extra memory at the peak of fn(): CUDA's allocator counter on GPU, sampled RSS on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, max(peak, proc.memory_info().rss) - base)
+
+
+def flops_per_token(cfg: ModelConfig, context_len: int, training: bool = False) -> float:
+    """Matmul FLOPs to process one token that attends to `context_len` tokens.
+
+    Counts 2 FLOPs per multiply-add in every weight matmul (non-embedding weights plus the output
+    head; the embedding lookup is free) and in attention's two products (QK^T and AV).
+    Training counts the backward pass as twice the forward (the usual 3x, i.e. 6N).
+    Ignores norms, activations, softmax and the optimizer, which are O(d) per token.
+    """
+    matmul_params = cfg.num_params(non_embedding=True) - (2 * cfg.n_layers + 1) * cfg.d_model
+    matmul_params += cfg.vocab_size * cfg.d_model  # the output head
+    attention = 2 * 2 * cfg.n_layers * context_len * cfg.n_heads * cfg.head_dim
+    forward = 2 * matmul_params + attention
+    return 3 * forward if training else forward
+
+
+def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32,
+                       device: str | None = None, repeats: int = 5) -> float:
+    """Measured peak of this machine: FLOP/s of an n x n matmul (2n^3 FLOPs), best of repeats."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
+    t = time_fn(lambda: a @ b, warmup=2, repeats=repeats, device=dev)
+    return 2 * n**3 / t.min_s
+
+
+def memory_bandwidth_bytes_per_s(nbytes: int = 2**29, device: str | None = None,
+                                 repeats: int = 5) -> float:
+    """Measured read bandwidth: bytes of a large fp32 tensor / time to sum it, best of repeats.
+
+    Decoding one token reads every weight once, so this read rate is the roofline of
+    memory-bound generation (tokens/s <= bandwidth / bytes read per token).
+    """
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    t = time_fn(lambda: x.sum(), warmup=1, repeats=repeats, device=dev)
+    return tensor_bytes(x) / t.min_s

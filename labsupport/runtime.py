@@ -1,0 +1,193 @@
+"""Where a lab runs: its profile, device, seeds, the machine line and the cache folder.
+
+Introduced in lab 00 ("This machine"). Every lab starts with `profile()` and prints
+`machine()` above its timing tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from filelock import FileLock
+
+PROFILES = ("smoke", "cpu", "gpu")
+_PROFILE_HELP = {
+    "smoke": "CI and `make test`: tiny models, about 2 min per notebook on 2 CPU cores",
+    "cpu": "default without CUDA: models up to a few M parameters, at most 8 min per notebook",
+    "gpu": "default with CUDA: models up to ~100M parameters, about 10 min per notebook",
+}
+
+
+def check_profile(name: str) -> str:
+    """Return `name` if it is a known profile, else raise a ValueError listing the valid ones."""
+    if name not in PROFILES:
+        valid = ", ".join(f"{p!r} ({_PROFILE_HELP[p]})" for p in PROFILES)
+        raise ValueError(f"unknown profile {name!r}; LABS_PROFILE must be one of: {valid}")
+    return name
+
+
+def profile() -> str:
+    """The active profile: $LABS_PROFILE if set, else 'gpu' with CUDA and 'cpu' without."""
+    name = os.environ.get("LABS_PROFILE", "").strip()
+    if not name:
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return check_profile(name)
+
+
+def device() -> torch.device:
+    """The device labs compute on: CUDA at the `gpu` profile when present, else the CPU."""
+    if profile() == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so that a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the legacy global RNG that libraries still use)
+    torch.manual_seed(seed)
+
+
+def cache_dir() -> Path:
+    """Folder for tokenizers, token arrays, zoo checkpoints and claim tables ($LABS_CACHE)."""
+    root = os.environ.get("LABS_CACHE") or Path.home() / ".cache" / "llm-cost-course"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Facts about this machine that a timing depends on: CPU, cores, threads, torch, GPU."""
+    info = {
+        "profile": profile(),
+        "cpu": _cpu_name(),
+        "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def machine_line() -> str:
+    """One line describing the machine, printed above every measurement."""
+    m = machine()
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    return (
+        f"profile={m['profile']} | {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+        f"{m['torch_threads']} torch threads, {m['memory_gib']} GiB{gpu} | "
+        f"device={m['device']} | Python {m['python']}, torch {m['torch']}"
+    )
+
+
+def by_profile(**values):
+    """Pick the value for the active profile: `by_profile(smoke=64, cpu=256, gpu=1024)`."""
+    missing = [p for p in PROFILES if p not in values]
+    unknown = [k for k in values if k not in PROFILES]
+    if missing or unknown:
+        raise ValueError(
+            f"by_profile needs exactly the keys {PROFILES}; missing {missing}, unknown {unknown}"
+        )
+    return values[profile()]
+
+
+# ----------------------------------------------------------------------------------------
+# Cached tensors: written atomically under a file lock, checked on every load.
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename) with a checksum inside."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"metadata_json": json.dumps(metadata), "sha256": _checksum(tensors)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by `save_tensors`; raise CorruptCacheError if it does not check out."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or garbled files fail inside safetensors
+        raise CorruptCacheError(f"{path}: unreadable ({e})") from e
+    if "sha256" not in header or header["sha256"] != _checksum(tensors):
+        raise CorruptCacheError(f"{path}: checksum mismatch")
+    return tensors, json.loads(header.get("metadata_json", "{}"))
+
+
+class CorruptCacheError(RuntimeError):
+    """A cache file exists but its contents do not match its checksum."""
+
+
+def cached_tensors(path: Path, build, desc: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors from `path`, or call `build() -> (tensors, metadata)` and save them first.
+
+    A file lock makes concurrent callers wait for one build; a corrupted file is reported and
+    rebuilt, never used.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return load_tensors(path)
+            except CorruptCacheError as e:
+                warnings.warn(f"rebuilding {desc or path.name}: {e}", stacklevel=2)
+                path.unlink()
+        tensors, metadata = build()
+        save_tensors(path, tensors, metadata)
+        return load_tensors(path)
+
+
+def stable_hash(obj) -> str:
+    """A short hash of a JSON-serialisable object, stable across runs and machines."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""Shared fixtures: a private cache folder per test session, tiny seeded model configs."""
+
+import os
+
+import pytest
+import torch
+
+from labsupport.model import ModelConfig, Transformer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Point LABS_CACHE at an empty folder so tests never touch (or trust) a user's cache."""
+    path = tmp_path_factory.mktemp("labs-cache")
+    old = os.environ.get("LABS_CACHE")
+    os.environ["LABS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LABS_CACHE", None)
+    else:
+        os.environ["LABS_CACHE"] = old
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """2 layers, width 64, vocab 256: small enough that every test runs in milliseconds."""
+    base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=160,
+                max_seq_len=64)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(**overrides)).eval()

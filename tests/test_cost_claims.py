@@ -1,0 +1,70 @@
+"""Cost arithmetic against the published figures it must reproduce, and the claim table."""
+
+import json
+
+import pytest
+
+from labsupport import cost
+from labsupport.claims import ClaimCheck
+
+
+def test_gpt3_training_compute_and_lambda_gpu_years():
+    flops = cost.training_flops(175e9, 300e9)
+    assert flops == pytest.approx(3.15e23)
+    v100_years = cost.gpu_hours(3.14e23, peak_flops=28e12) / cost.HOURS_PER_YEAR
+    assert v100_years == pytest.approx(355, rel=0.01)  # Lambda: "355 GPU-years"
+
+
+def test_energy_from_gpu_hours_power_and_pue():
+    assert cost.energy_kwh(1000, watts=300, pue=1.1) == pytest.approx(330.0)
+    assert cost.co2_tonnes(1_287_000, 0.429) == pytest.approx(552, rel=0.001)
+
+
+def test_semianalysis_fleet_cost_and_cost_per_query():
+    per_day = cost.fleet_usd_per_day(28_936, 1.00)
+    assert per_day == pytest.approx(694_464)
+    assert cost.usd_per_query(per_day, 13e6, 15) == pytest.approx(0.00356, rel=0.01)
+
+
+def test_per_token_prices_and_energy():
+    assert cost.usd_per_mtok(tokens_per_s=1000, usd_per_hour=3.6) == pytest.approx(1.0)
+    assert cost.joules_per_token(watts=30, tokens_per_s=300) == pytest.approx(0.1)
+    h100 = cost.hardware("H100")
+    assert cost.decode_tokens_per_s_roofline(14e9, h100.mem_bandwidth) == pytest.approx(239, 0.01)
+    assert h100.ridge_flops_per_byte == pytest.approx(295, rel=0.01)
+
+
+def test_training_cost_uses_the_table_price_unless_told():
+    a100 = cost.hardware("A100")
+    flops = a100.peak_flops * 3600 * 10  # ten GPU-hours at full utilisation
+    assert cost.training_cost_usd(flops, a100, 1.0) == pytest.approx(10 * a100.usd_per_hour)
+    assert cost.training_cost_usd(flops, a100, 0.5, usd_per_hour=1.0) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: cost.hardware("TPUv9"), "unknown hardware 'TPUv9'"),
+    (lambda: cost.gpu_hours(1e20, 1e12, utilization=1.5), "utilization"),
+    (lambda: cost.training_flops(-1, 10), "n_params must be > 0"),
+    (lambda: cost.energy_kwh(10, 300, pue=0.9), "pue"),
+])
+def test_bad_cost_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_every_hardware_row_has_a_source_and_sane_numbers():
+    assert {"V100", "A100", "H100", "H200"} <= set(cost.HARDWARE)
+    for hw in cost.HARDWARE.values():
+        assert hw.source and hw.price_date
+        assert 1e13 < hw.peak_flops < 1e16 and 1e11 < hw.mem_bandwidth < 1e13
+
+
+def test_claim_check_validates_verdicts_and_saves_json(private_cache):
+    check = ClaimCheck("99_test")
+    check.add("KV caching avoids exponential growth", "source", "cubic fit", "does not hold")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        check.add("x", "y", "z", "mostly")
+    check.show()
+    saved = json.loads((private_cache / "claims" / "99_test.json").read_text())
+    assert saved["claims"][0]["verdict"] == "does not hold"
+    assert saved["machine"]["profile"] in ("smoke", "cpu", "gpu")

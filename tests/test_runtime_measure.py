@@ -1,0 +1,80 @@
+"""Profiles, cached tensors, timing and byte/FLOP accounting."""
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from labsupport import measure, runtime
+from labsupport.model import Transformer
+
+
+def test_unknown_profile_lists_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("LABS_PROFILE", "fast")
+    with pytest.raises(ValueError, match="'smoke'.*'cpu'.*'gpu'"):
+        runtime.profile()
+    monkeypatch.setenv("LABS_PROFILE", "smoke")
+    assert runtime.profile() == "smoke"
+    assert runtime.by_profile(smoke=1, cpu=2, gpu=3) == 1
+    with pytest.raises(ValueError, match="missing"):
+        runtime.by_profile(smoke=1, cpu=2)
+
+
+def test_default_profile_follows_cuda(monkeypatch):
+    monkeypatch.delenv("LABS_PROFILE", raising=False)
+    assert runtime.profile() == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_cached_tensors_builds_once_and_rebuilds_damage(tmp_path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": torch.arange(10)}, {"n": 10}
+
+    path = tmp_path / "t.safetensors"
+    t, meta = runtime.cached_tensors(path, build)
+    t2, _ = runtime.cached_tensors(path, build)
+    assert len(calls) == 1 and meta == {"n": 10} and torch.equal(t["x"], t2["x"])
+    path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning):
+        runtime.cached_tensors(path, build)
+    assert len(calls) == 2
+
+
+def test_time_fn_reports_median_of_the_repeats():
+    calls = []
+    timing = measure.time_fn(lambda: calls.append(1), warmup=2, repeats=7)
+    assert len(calls) == 9 and len(timing.times_s) == 7
+    assert timing.min_s <= timing.median_s <= timing.max_s
+    fixed = measure.Timing([1.0, 2.0, 3.0, 100.0, 2.5])
+    assert fixed.median_s == 2.5 and fixed.iqr_s == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="repeats"):
+        measure.time_fn(lambda: None, repeats=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_weight_bytes_counts_each_tensor_once(tie):
+    model = tiny_model(tie_embeddings=tie)
+    assert measure.weight_bytes(model) == 4 * model.cfg.num_params(non_embedding=False)
+    assert measure.weight_bytes(model.to(torch.bfloat16)) == 2 * model.cfg.num_params(False)
+
+
+def test_flops_per_token_is_2n_forward_and_6n_training_at_short_context():
+    cfg = tiny_config(vocab_size=1000)
+    n_matmul = sum(p.numel() for n, p in Transformer(cfg).named_parameters()
+                   if p.dim() == 2 and "embed_tokens" not in n)
+    assert measure.flops_per_token(cfg, context_len=0) == 2 * n_matmul
+    assert measure.flops_per_token(cfg, 0, training=True) == 6 * n_matmul
+    extra = measure.flops_per_token(cfg, 100) - measure.flops_per_token(cfg, 0)
+    assert extra == 4 * cfg.n_layers * 100 * cfg.d_model  # QK^T and AV over 100 keys
+
+
+def test_machine_limits_are_measured_and_plausible():
+    flops = measure.matmul_flops_per_s(n=512, repeats=3)
+    bandwidth = measure.memory_bandwidth_bytes_per_s(nbytes=2**26, repeats=3)
+    assert 1e8 < flops < 1e16 and 1e8 < bandwidth < 1e13
+
+
+def test_peak_memory_sees_a_large_allocation():
+    peak = measure.peak_memory_bytes(lambda: torch.ones(50_000_000).add_(1).sum())
+    assert peak >= 100e6, peak  # 200 MB tensor

@@ -1,0 +1,81 @@
+"""Corpus, tokenizer and training loop."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from labsupport import data
+from labsupport.runtime import cache_dir
+from labsupport.train import TrainConfig, evaluate_loss, lr_at, train
+
+VOCAB = 512  # small vocabulary: the tokenizer trains in a second or two
+
+
+def test_splits_are_disjoint_and_hold_out_whole_packages():
+    files = data.corpus_files()
+    sets = {s: set(files[s]) for s in data.SPLITS}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["new_domain"]
+    root = data.stdlib_root()
+    held = {p.relative_to(root).parts[0] for p in files["new_domain"]}
+    assert held == set(data.HELD_OUT_PACKAGES)
+    assert all(p.relative_to(root).parts[0] not in held for p in files["train"] + files["val"])
+    assert not any("test" in p.relative_to(root).parts[:-1] for s in sets.values() for p in s)
+
+
+def test_tokenizer_round_trips_source_text():
+    tok = data.tokenizer(VOCAB)
+    text = data.read_texts("val")[0][:2000]
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.get_vocab_size() == VOCAB and tok.token_to_id(data.EOT) == 0
+
+
+def test_token_cache_is_rebuilt_when_corrupted():
+    ids = data.tokens("val", VOCAB)
+    assert ids.dtype == torch.long and 0 < int(ids.max()) < VOCAB
+    [path] = (cache_dir() / "data").glob(f"tokens-val-v{VOCAB}-*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0xFF  # flip one byte inside the token data
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        again = data.tokens("val", VOCAB)
+    assert torch.equal(ids, again)
+
+
+def test_get_batch_targets_are_inputs_shifted_by_one():
+    stream = torch.arange(1000)
+    x, y = data.get_batch(stream, 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(y, x + 1)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        data.get_batch(torch.arange(10), 1, 16)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: data.tokens("test"), "split must be one of"),
+    (lambda: data.tokenizer(100), "vocab_size must be in"),
+])
+def test_bad_data_requests_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    stream = torch.randint(0, 256, (64,)).repeat(200)  # a memorisable repeating text
+    model = tiny_model()
+    before = evaluate_loss(model, stream, seq_len=32, n_batches=4)
+    cfg = TrainConfig(steps=60, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=5,
+                      eval_every=30, eval_batches=4)
+    model, history = train(model, stream, stream, cfg, progress=False)
+    assert [h["step"] for h in history] == [30, 60]
+    assert history[-1]["val_loss"] < 0.5 * before, (before, history)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
