@@ -74,6 +74,31 @@ def time_fn(fn, warmup: int = 1, repeats: int = 5, device: str | None = None) ->
     return Timing(times)
 
 
+def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5,
+                     device: str | None = None) -> dict[str, Timing]:
+    """Time several variants round-robin (a, b, a, b, ...) so that drift hits all of them alike.
+
+    Use it for side-by-side comparisons: timing one variant fully before the other lets
+    warm-up effects, frequency scaling and background load favour one of them.
+    """
+    if not fns:
+        raise ValueError("fns must name at least one function to time")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(t) for name, t in times.items()}
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     """Bytes held by the given tensors' elements."""
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to text bars: fine
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
 
 from .data import get_batch
 
@@ -65,8 +69,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats per token."""
-    logits = model(x)  # (B, T, V)
+    """Mean next-token cross-entropy in nats per token (our model or a transformers one)."""
+    out = model(x)
+    logits = getattr(out, "logits", out)  # (B, T, V); HF models wrap them in an output object
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 

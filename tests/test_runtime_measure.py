@@ -78,3 +78,13 @@ def test_machine_limits_are_measured_and_plausible():
 def test_peak_memory_sees_a_large_allocation():
     peak = measure.peak_memory_bytes(lambda: torch.ones(50_000_000).add_(1).sum())
     assert peak >= 100e6, peak  # 200 MB tensor
+
+
+def test_time_interleaved_alternates_the_variants():
+    order = []
+    timings = measure.time_interleaved({"a": lambda: order.append("a"),
+                                        "b": lambda: order.append("b")}, warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4
+    assert set(timings) == {"a", "b"} and len(timings["a"].times_s) == 3
+    with pytest.raises(ValueError, match="at least one"):
+        measure.time_interleaved({})
