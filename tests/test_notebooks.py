@@ -1,0 +1,59 @@
+"""Hygiene of the notebooks and the book: what nbval cannot see."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+TOC = (ROOT / "_toc.yml").read_text()
+BIB = (ROOT / "book" / "references.bib").read_text()
+BIB_KEYS = set(re.findall(r"@\w+\{([^,]+),", BIB))
+
+
+def cells(nb: Path) -> list[dict]:
+    return json.loads(nb.read_text())["cells"]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found under notebooks/"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(nb):
+    for cell in cells(nb):
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"] and cell["execution_count"] is None, (
+                f"{nb.name}: strip outputs before committing")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_listed_in_the_table_of_contents(nb):
+    assert f"notebooks/{nb.stem}" in TOC, f"add notebooks/{nb.stem} to _toc.yml"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_installs_labsupport_only_when_missing(nb):
+    first = next(c for c in cells(nb) if c["cell_type"] == "code")
+    source = "".join(first["source"])
+    assert 'find_spec("labsupport") is None' in source and "pip" in source
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_has_the_arc_of_a_lab(nb):
+    text = "".join("".join(c["source"]) for c in cells(nb))
+    for part in ("**Objectives.**", "## The claim", "## Claim check", "## Exercises",
+                 "ClaimCheck(", ".show()"):
+        assert part in text, f"{nb.name} lacks {part!r}"
+    assert f'ClaimCheck("{nb.stem}")' in text, "claim table should be named after the notebook"
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "book").glob("*.md")) + NOTEBOOKS,
+                         ids=lambda p: p.name)
+def test_every_citation_is_in_references_bib(page):
+    text = page.read_text()
+    for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text):
+        for key in group.split(","):
+            assert key.strip() in BIB_KEYS, f"{page.name} cites {key!r}, not in references.bib"
