@@ -307,7 +307,7 @@ def to_hf(model: Transformer):
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # transformers 5 files it under rope_parameters; 4.x as is
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
         hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
