@@ -8,15 +8,13 @@ collect the verdicts of every lab. Introduced in lab 00.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .runtime import cache_dir, machine
+from .runtime import atomic_path, cache_dir, machine
 
 VERDICTS = ("holds", "partly", "does not hold", "not testable here")
 
@@ -53,14 +51,11 @@ class ClaimCheck:
     def save(self) -> Path:
         """Write the rows with profile, machine and time to cache_dir()/claims/<notebook>.json."""
         path = cache_dir() / "claims" / f"{self.notebook}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"notebook": self.notebook, "machine": machine(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "claims": [asdict(r) for r in self.rows]}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
         return path
 
     def show(self):

@@ -9,10 +9,8 @@ lab 00; every lab that trains uses `tokens()` and `get_batch()`.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import sysconfig
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from .runtime import cache_dir, cached_tensors, stable_hash
+from .runtime import atomic_path, cache_dir, cached_tensors, stable_hash
 
 DATA_VERSION = 1  # bump when the corpus selection or the tokenizer recipe changes
 SPLITS = ("train", "val", "new_domain")
@@ -114,10 +112,8 @@ def tokenizer(vocab_size: int = 4096):
             except Exception:  # a garbled file: rebuild it below
                 pass
         tok = _train_tokenizer(vocab_size)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        tok.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tok.save(str(tmp))
         return tok
 
 

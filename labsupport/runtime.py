@@ -13,6 +13,7 @@ import platform
 import random
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -129,24 +130,34 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Write a safetensors file atomically (temp file, fsync, rename) with a checksum inside."""
-    from safetensors.torch import save_file
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; once written, it replaces `path` in one rename.
 
+    Readers see either the old file or the complete new one, never a half-written file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"metadata_json": json.dumps(metadata), "sha256": _checksum(tensors)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=meta)
+        yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a safetensors file atomically, with a checksum of its tensors inside."""
+    from safetensors.torch import save_file
+
+    meta = {"metadata_json": json.dumps(metadata), "sha256": _checksum(tensors)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=meta)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -88,3 +88,15 @@ def test_time_interleaved_alternates_the_variants():
     assert set(timings) == {"a", "b"} and len(timings["a"].times_s) == 3
     with pytest.raises(ValueError, match="at least one"):
         measure.time_interleaved({})
+
+
+def test_atomic_path_never_leaves_a_half_written_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), runtime.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with runtime.atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
