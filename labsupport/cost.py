@@ -65,7 +65,7 @@ def hardware(name: str) -> Hardware:
 
 def _positive(**values: float) -> None:
     for name, value in values.items():
-        if not value > 0:
+        if value is None or not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
@@ -143,12 +143,20 @@ def joules_per_token(watts: float, tokens_per_s: float) -> float:
     return watts / tokens_per_s
 
 
-def decode_tokens_per_s_roofline(weight_bytes: float, mem_bandwidth: float,
-                                 batch: int = 1) -> float:
-    """Upper bound on memory-bound decoding: each step reads every weight once for the batch.
+def decode_tokens_per_s_roofline(weight_bytes: float, mem_bandwidth: float, batch: int = 1,
+                                 flops_per_token: float | None = None,
+                                 peak_flops: float | None = None) -> float:
+    """Upper bound on decoding tokens/s: the lower of the memory roof and the compute roof.
 
-    Leaves out KV-cache reads (small at short context) and assumes compute is never the limit,
-    which holds while batch x 2 FLOPs/param stays below the hardware's ridge point.
+    Memory roof: every decode step reads the weights once for the whole batch, so
+    tokens/s <= batch x bandwidth / weight_bytes. Compute roof (when flops_per_token and
+    peak_flops are given): tokens/s <= peak_flops / flops_per_token. The memory roof binds while
+    batch x flops_per_token / weight_bytes (FLOPs per byte read) is below the hardware's ridge
+    point. KV-cache reads are left out (small at short context).
     """
     _positive(weight_bytes=weight_bytes, mem_bandwidth=mem_bandwidth, batch=batch)
-    return batch * mem_bandwidth / weight_bytes
+    memory_roof = batch * mem_bandwidth / weight_bytes
+    if flops_per_token is None and peak_flops is None:
+        return memory_roof
+    _positive(flops_per_token=flops_per_token, peak_flops=peak_flops)
+    return min(memory_roof, peak_flops / flops_per_token)

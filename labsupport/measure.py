@@ -110,6 +110,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(by_storage.values())
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: all of them but the input embedding table.
+
+    The embedding is a lookup that gathers one row per sequence; an untied output head is a
+    full matmul and is read whole (a tied one is read once, as the head).
+    """
+    total = weight_bytes(model)
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.tie_embeddings:
+        return total
+    return total - tensor_bytes(model.embed_tokens.weight)
+
+
 def peak_memory_bytes(fn, interval_s: float = 0.001) -> int:
     """Extra memory at the peak of fn(): CUDA's allocator counter on GPU, sampled RSS on CPU."""
     if torch.cuda.is_available():

@@ -311,7 +311,8 @@ def to_hf(model: Transformer):
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
         hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    hf = LlamaForCausalLM(hf_cfg).to(model.embed_tokens.weight.dtype)
+    w = model.embed_tokens.weight
+    hf = LlamaForCausalLM(hf_cfg).to(device=w.device, dtype=w.dtype)
     state = {_hf_name(k): v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -356,7 +357,7 @@ def from_hf(hf) -> Transformer:
         rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps,
         tie_embeddings=bool(c.tie_word_embeddings),
     )
-    model = Transformer(cfg).to(hf.dtype)
+    model = Transformer(cfg).to(device=hf.device, dtype=hf.dtype)
     hf_state = hf.state_dict()
     state = {}
     for name in model.state_dict():

@@ -68,3 +68,13 @@ def test_claim_check_validates_verdicts_and_saves_json(private_cache):
     saved = json.loads((private_cache / "claims" / "99_test.json").read_text())
     assert saved["claims"][0]["verdict"] == "does not hold"
     assert saved["machine"]["profile"] in ("smoke", "cpu", "gpu")
+
+
+def test_decode_roofline_takes_the_lower_roof():
+    memory_only = cost.decode_tokens_per_s_roofline(1e6, 1e10, batch=8)
+    assert memory_only == pytest.approx(8e4)
+    both = cost.decode_tokens_per_s_roofline(1e6, 1e10, batch=8, flops_per_token=1e6,
+                                             peak_flops=5e10)
+    assert both == pytest.approx(5e4)  # compute-bound: 5e10 / 1e6
+    with pytest.raises(ValueError, match="flops_per_token"):
+        cost.decode_tokens_per_s_roofline(1e6, 1e10, flops_per_token=0, peak_flops=1e10)

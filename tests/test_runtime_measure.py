@@ -100,3 +100,19 @@ def test_atomic_path_never_leaves_a_half_written_file(tmp_path):
     with runtime.atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_decode_reads_every_weight_but_the_input_embedding():
+    untied, tied = tiny_model(), tiny_model(tie_embeddings=True)
+    emb = 4 * untied.cfg.vocab_size * untied.cfg.d_model
+    assert measure.decode_weight_bytes(untied) == measure.weight_bytes(untied) - emb
+    assert measure.decode_weight_bytes(tied) == measure.weight_bytes(tied)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hf_conversion_keeps_the_device():
+    from labsupport.model import from_hf, to_hf
+
+    model = tiny_model().cuda()
+    hf = to_hf(model)
+    assert hf.device.type == "cuda" and from_hf(hf).embed_tokens.weight.is_cuda
