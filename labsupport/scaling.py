@@ -1,0 +1,276 @@
+"""Scaling laws: IsoFLOP training runs, the Chinchilla parametric fit, and published fits.
+
+The parametric law of Hoffmann et al. (2022), L(N, D) = E + A / N^alpha + B / D^beta, is fitted
+as in their Approach 3: a Huber loss on the residuals of log L, minimised with L-BFGS from a grid
+of starting points. Approach 2 (IsoFLOP profiles) fits a parabola to loss against log N at each
+compute budget and a power law to the minima. Introduced in lab 10.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from filelock import FileLock
+from scipy.optimize import minimize
+from scipy.special import huber, logsumexp
+
+from . import data
+from .model import ModelConfig, Transformer
+from .runtime import atomic_path, cache_dir, device, stable_hash
+from .train import TrainConfig, evaluate_loss, train
+
+RECIPE_VERSION = 1  # bump when the training recipe of scaling runs changes
+
+
+@dataclass(frozen=True)
+class ParametricFit:
+    """L(N, D) = E + A / N^alpha + B / D^beta, with N parameters and D training tokens."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    source: str = ""
+
+    def predict(self, N, D):
+        """Predicted loss (nats/token) for N parameters trained on D tokens."""
+        N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+
+    @property
+    def a(self) -> float:
+        """Exponent of N_opt proportional to C^a: beta / (alpha + beta)."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """Exponent of D_opt proportional to C^b: alpha / (alpha + beta)."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def compute_optimal(self, C):
+        """(N_opt, D_opt) minimising L under C = 6 N D (Hoffmann et al., eq. 4)."""
+        C = np.asarray(C, dtype=float)
+        if np.any(C <= 0):
+            raise ValueError("compute C must be > 0")
+        G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        N_opt = G * (C / 6) ** self.a
+        return N_opt, C / (6 * N_opt)
+
+    def tokens_per_param(self, C) -> float:
+        """D_opt / N_opt at compute C."""
+        N, D = self.compute_optimal(C)
+        return D / N
+
+
+HOFFMANN_2022 = ParametricFit(
+    E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28,
+    source="Hoffmann et al. 2022, Approach 3 (rounded values as published)")
+BESIROGLU_2024 = ParametricFit(
+    E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
+    source="Besiroglu et al. 2024 (Epoch AI), refit of Hoffmann's data")
+KAPLAN_2020_A = 0.73  # N_opt proportional to C^0.73 (Kaplan et al. 2020, as quoted by Hoffmann)
+
+
+def _check_points(N, D, L, min_points: int) -> tuple[np.ndarray, ...]:
+    arrays = [np.asarray(v, dtype=float).ravel() for v in (N, D, L)]
+    lengths = {name: len(a) for name, a in zip("NDL", arrays, strict=True)}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"N, D and L must have the same length, got {lengths}")
+    if lengths["N"] < min_points:
+        raise ValueError(f"need at least {min_points} points to fit, got {lengths['N']}")
+    for name, a in zip("NDL", arrays, strict=True):
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise ValueError(f"{name} must be finite and > 0")
+    return tuple(arrays)
+
+
+def _objective(theta, logN, logD, logL, delta):
+    """Huber loss of log-space residuals and its gradient; theta = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])  # (3, n)
+    lse = logsumexp(terms, axis=0)
+    r = lse - logL
+    weights = np.exp(terms - lse)  # d lse / d term
+    dr = np.clip(r, -delta, delta)  # derivative of huber(delta, r)
+    grad = np.array([
+        np.sum(dr * weights[0]), np.sum(dr * weights[1]), np.sum(dr * weights[2]),
+        np.sum(dr * weights[0] * -logN), np.sum(dr * weights[1] * -logD)])
+    return np.sum(huber(delta, r)), grad
+
+
+def fit_parametric(N, D, L, delta: float = 1e-3, starts=None) -> ParametricFit:
+    """Fit L = E + A/N^alpha + B/D^beta as Hoffmann et al. Approach 3.
+
+    Minimises the Huber loss (delta 1e-3) between log L and
+    log(exp(a - alpha log N) + exp(b - beta log D) + exp(e)) with L-BFGS, from every start in a
+    grid over (a, b, e, alpha, beta), keeping the best; A = exp(a), B = exp(b), E = exp(e).
+    `starts` replaces the grid (the bootstrap passes the full-data fit to save time).
+    """
+    N, D, L = _check_points(N, D, L, min_points=5)
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    if starts is None:
+        starts = itertools.product([0.0, 5.0, 10.0, 15.0, 20.0], [0.0, 5.0, 10.0, 15.0, 20.0],
+                                   [-1.0, 0.0, 1.0], [0.1, 0.3, 0.6], [0.1, 0.3, 0.6])
+    best = None
+    for start in starts:
+        res = minimize(_objective, np.array(start, dtype=float), args=(logN, logD, logL, delta),
+                       jac=True, method="L-BFGS-B",
+                       bounds=[(None, None), (None, None), (None, None), (0, 3), (0, 3)])
+        if best is None or res.fun < best.fun:
+            best = res
+    a, b, e, alpha, beta = best.x
+    return ParametricFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta,
+                         source="fitted here")
+
+
+def isoflop_minimum(N, L) -> float:
+    """N at the minimum of a parabola fitted to L against log N (one compute budget)."""
+    logN, L = np.log(np.asarray(N, dtype=float)), np.asarray(L, dtype=float)
+    if len(logN) < 3:
+        raise ValueError("an IsoFLOP profile needs at least 3 sizes")
+    c2, c1, _ = np.polyfit(logN, L, 2)
+    if c2 <= 0:  # no interior minimum: the best size lies outside the profile
+        return float(np.exp(logN[np.argmin(L)]))
+    return float(np.exp(-c1 / (2 * c2)))
+
+
+def fit_power_law(x, y) -> tuple[float, float]:
+    """(exponent, prefactor) of y = prefactor * x^exponent, by least squares in log space."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y) or len(x) < 2 or np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("fit_power_law needs >= 2 positive (x, y) pairs of equal length")
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    return float(slope), float(math.exp(intercept))
+
+
+def isoflop_exponent(C, N, L) -> tuple[float, dict[float, float]]:
+    """Approach 2: the exponent a of N_opt proportional to C^a, and N_opt of each budget."""
+    C, N, L = (np.asarray(v, dtype=float) for v in (C, N, L))
+    minima = {float(c): isoflop_minimum(N[C == c], L[C == c]) for c in np.unique(C)}
+    a, _ = fit_power_law(list(minima), list(minima.values()))
+    return a, minima
+
+
+def bootstrap(fn, n_points: int, n_boot: int = 200, seed: int = 0, groups=None) -> np.ndarray:
+    """Values of fn(indices) over bootstrap resamples of the points (within groups if given)."""
+    rng = np.random.default_rng(seed)
+    groups = np.zeros(n_points, dtype=int) if groups is None else np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        try:
+            values.append(fn(idx))
+        except (ValueError, np.linalg.LinAlgError):
+            continue  # a degenerate resample (e.g. one distinct size in a profile)
+    return np.array(values)
+
+
+# ----------------------------------------------------------------------------------------
+# Training runs: one model size, one token budget, cached so that a notebook can resume.
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One scaling run: a model config trained on `tokens` tokens."""
+
+    model: ModelConfig
+    tokens: int
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    budget: float = 0.0  # the nominal compute C = 6ND this run belongs to (IsoFLOP profile)
+
+    @property
+    def steps(self) -> int:
+        return max(1, round(self.tokens / (self.batch_size * self.seq_len)))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                           lr=self.lr, warmup_steps=max(1, min(50, self.steps // 10)),
+                           eval_every=self.steps, eval_batches=16, seed=self.seed)
+
+    def key(self) -> str:
+        return stable_hash([self.model.to_dict(), asdict(self) | {"model": None},
+                            data.corpus_fingerprint(), RECIPE_VERSION])
+
+
+# (width, layers) of the course's size ladder: non-embedding parameters grow by ~1.3-2x a rung
+LADDER = [(16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (48, 3), (64, 2), (64, 3), (80, 3),
+          (96, 3), (96, 4), (128, 4), (128, 6), (160, 6), (192, 6), (192, 8), (256, 8)]
+
+
+def ladder_config(d_model: int, n_layers: int, vocab_size: int, max_seq_len: int) -> ModelConfig:
+    """A rung of the size ladder: 16-wide heads (MHA) and a SwiGLU hidden width of ~8/3 d."""
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                       n_heads=d_model // 16, d_ff=(8 * d_model // 3) // 8 * 8,
+                       max_seq_len=max_seq_len)
+
+
+def isoflop_specs(budgets, ratios, vocab_size: int = 1024, seq_len: int = 128,
+                  batch_size: int = 16) -> list[RunSpec]:
+    """Runs for IsoFLOP profiles: at each compute budget C, one run per target tokens/param r.
+
+    The size is the ladder rung whose non-embedding N is nearest sqrt(C / 6r); D is then set so
+    that 6ND = C. Rungs picked twice for one budget are run once.
+    """
+    if not budgets or not ratios or min(budgets) <= 0 or min(ratios) <= 0:
+        raise ValueError("budgets and ratios must be non-empty lists of positive numbers")
+    rungs = [ladder_config(d, n, vocab_size, seq_len) for d, n in LADDER]
+    specs = []
+    for C in budgets:
+        chosen = []
+        for r in ratios:
+            target = math.sqrt(C / (6 * r))
+            cfg = min(rungs, key=lambda c: abs(math.log(c.num_params() / target)))
+            if cfg not in chosen:
+                chosen.append(cfg)
+        for cfg in chosen:
+            tokens = round(C / (6 * cfg.num_params()))
+            specs.append(RunSpec(cfg, tokens, batch_size=batch_size, seq_len=seq_len,
+                                 budget=float(C)))
+    return specs
+
+
+def run(spec: RunSpec, progress: bool = False) -> dict:
+    """Train one scaling run (or read its cached result): N, D, C, val loss, wall time."""
+    path = cache_dir() / "scaling" / f"run-{spec.key()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                result = json.loads(path.read_text())
+                if result.get("key") == spec.key():
+                    return result | {"cached": True}
+            except (json.JSONDecodeError, OSError):
+                pass  # a damaged result: train again
+        result = _train_run(spec, progress)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result))
+        return result | {"cached": False}
+
+
+def _train_run(spec: RunSpec, progress: bool) -> dict:
+    torch.manual_seed(spec.seed)
+    cfg = spec.model
+    model = Transformer(cfg).to(device())
+    train_tokens, val_tokens = data.tokens("train", cfg.vocab_size), data.tokens("val",
+                                                                                  cfg.vocab_size)
+    start = time.perf_counter()
+    model, history = train(model, train_tokens, None, spec.train_config(), progress=progress,
+                           desc=f"N={cfg.num_params():,}, D={spec.tokens:,}")
+    seconds = time.perf_counter() - start
+    val = evaluate_loss(model, val_tokens, spec.seq_len, batch_size=16, n_batches=16)
+    N, D = cfg.num_params(non_embedding=True), spec.steps * spec.batch_size * spec.seq_len
+    return {"key": spec.key(), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+            "N": N, "N_total": cfg.num_params(non_embedding=False), "D": D, "C": 6 * N * D,
+            "budget": spec.budget,
+            "val_loss": val, "seconds": seconds, "steps": spec.steps}
