@@ -131,14 +131,17 @@ def fit_parametric(N, D, L, delta: float = 1e-3, starts=None) -> ParametricFit:
 
 
 def isoflop_minimum(N, L) -> float:
-    """N at the minimum of a parabola fitted to L against log N (one compute budget)."""
+    """N at the minimum of a parabola fitted to L against log N (one compute budget).
+
+    The minimum is kept within the sizes of the profile: a vertex outside them would be an
+    extrapolation, and means the profile did not bracket the optimum (widen it).
+    """
     logN, L = np.log(np.asarray(N, dtype=float)), np.asarray(L, dtype=float)
-    if len(logN) < 3:
-        raise ValueError("an IsoFLOP profile needs at least 3 sizes")
+    if len(np.unique(logN)) < 3:
+        raise ValueError("an IsoFLOP profile needs at least 3 distinct sizes")
     c2, c1, _ = np.polyfit(logN, L, 2)
-    if c2 <= 0:  # no interior minimum: the best size lies outside the profile
-        return float(np.exp(logN[np.argmin(L)]))
-    return float(np.exp(-c1 / (2 * c2)))
+    vertex = -c1 / (2 * c2) if c2 > 0 else logN[np.argmin(L)]
+    return float(np.exp(np.clip(vertex, logN.min(), logN.max())))
 
 
 def fit_power_law(x, y) -> tuple[float, float]:
@@ -177,15 +180,24 @@ def bootstrap(fn, n_points: int, n_boot: int = 200, seed: int = 0, groups=None) 
 # Training runs: one model size, one token budget, cached so that a notebook can resume.
 
 
+def lr_for_width(d_model: int) -> float:
+    """Peak learning rate falling as 1/width (0.16 / d, capped at 1e-2).
+
+    Narrow models tolerate, and in a few hundred steps need, larger steps than wide ones;
+    a rate tuned for one width would favour it in the comparison.
+    """
+    return min(1e-2, 0.16 / d_model)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One scaling run: a model config trained on `tokens` tokens."""
 
     model: ModelConfig
     tokens: int
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float | None = None  # None: lr_for_width(d_model)
     seed: int = 0
     budget: float = 0.0  # the nominal compute C = 6ND this run belongs to (IsoFLOP profile)
 
@@ -194,8 +206,9 @@ class RunSpec:
         return max(1, round(self.tokens / (self.batch_size * self.seq_len)))
 
     def train_config(self) -> TrainConfig:
+        lr = lr_for_width(self.model.d_model) if self.lr is None else self.lr
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                           lr=self.lr, warmup_steps=max(1, min(50, self.steps // 10)),
+                           lr=lr, warmup_steps=max(1, min(50, self.steps // 10)),
                            eval_every=self.steps, eval_batches=16, seed=self.seed)
 
     def key(self) -> str:
@@ -204,8 +217,9 @@ class RunSpec:
 
 
 # (width, layers) of the course's size ladder: non-embedding parameters grow by ~1.3-2x a rung
-LADDER = [(16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (48, 3), (64, 2), (64, 3), (80, 3),
-          (96, 3), (96, 4), (128, 4), (128, 6), (160, 6), (192, 6), (192, 8), (256, 8)]
+LADDER = [(16, 1), (16, 2), (24, 1), (24, 2), (32, 2), (40, 2), (40, 3), (48, 2), (48, 3),
+          (64, 2), (64, 3), (80, 3), (96, 3), (96, 4), (128, 4), (128, 6), (160, 6), (192, 6),
+          (192, 8), (256, 8)]
 
 
 def ladder_config(d_model: int, n_layers: int, vocab_size: int, max_seq_len: int) -> ModelConfig:
@@ -215,11 +229,12 @@ def ladder_config(d_model: int, n_layers: int, vocab_size: int, max_seq_len: int
                        max_seq_len=max_seq_len)
 
 
-def isoflop_specs(budgets, ratios, vocab_size: int = 1024, seq_len: int = 128,
-                  batch_size: int = 16) -> list[RunSpec]:
+def isoflop_specs(budgets, ratios, vocab_size: int = 512, seq_len: int = 128,
+                  batch_size: int = 8) -> list[RunSpec]:
     """Runs for IsoFLOP profiles: at each compute budget C, one run per target tokens/param r.
 
-    The size is the ladder rung whose non-embedding N is nearest sqrt(C / 6r); D is then set so
+    Compute is counted as Hoffmann et al. did, C = 6ND with N all parameters (embeddings
+    included). The size is the ladder rung whose N is nearest sqrt(C / 6r); D is then set so
     that 6ND = C. Rungs picked twice for one budget are run once.
     """
     if not budgets or not ratios or min(budgets) <= 0 or min(ratios) <= 0:
@@ -230,18 +245,19 @@ def isoflop_specs(budgets, ratios, vocab_size: int = 1024, seq_len: int = 128,
         chosen = []
         for r in ratios:
             target = math.sqrt(C / (6 * r))
-            cfg = min(rungs, key=lambda c: abs(math.log(c.num_params() / target)))
+            cfg = min(rungs, key=lambda c: abs(math.log(c.num_params(False) / target)))
             if cfg not in chosen:
                 chosen.append(cfg)
         for cfg in chosen:
-            tokens = round(C / (6 * cfg.num_params()))
+            tokens = round(C / (6 * cfg.num_params(non_embedding=False)))
             specs.append(RunSpec(cfg, tokens, batch_size=batch_size, seq_len=seq_len,
                                  budget=float(C)))
     return specs
 
 
 def run(spec: RunSpec, progress: bool = False) -> dict:
-    """Train one scaling run (or read its cached result): N, D, C, val loss, wall time."""
+    """Train one scaling run (or read its cached result): N (all parameters), N_nonemb, D,
+    C = 6ND, val loss, wall time."""
     path = cache_dir() / "scaling" / f"run-{spec.key()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -269,8 +285,8 @@ def _train_run(spec: RunSpec, progress: bool) -> dict:
                            desc=f"N={cfg.num_params():,}, D={spec.tokens:,}")
     seconds = time.perf_counter() - start
     val = evaluate_loss(model, val_tokens, spec.seq_len, batch_size=16, n_batches=16)
-    N, D = cfg.num_params(non_embedding=True), spec.steps * spec.batch_size * spec.seq_len
+    N, D = cfg.num_params(non_embedding=False), spec.steps * spec.batch_size * spec.seq_len
     return {"key": spec.key(), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-            "N": N, "N_total": cfg.num_params(non_embedding=False), "D": D, "C": 6 * N * D,
+            "N": N, "N_nonemb": cfg.num_params(non_embedding=True), "D": D, "C": 6 * N * D,
             "budget": spec.budget,
             "val_loss": val, "seconds": seconds, "steps": spec.steps}
