@@ -26,3 +26,11 @@ def label_bars(ax: plt.Axes, fmt: str = "{:.3g}", rotation: int = 0) -> None:
     for container in ax.containers:
         ax.bar_label(container, labels=[fmt.format(v) for v in container.datavalues],
                      padding=2, fontsize=9, rotation=rotation)
+
+
+def log_axes(ax: plt.Axes, x: bool = True, y: bool = False) -> None:
+    """Log scale on the chosen axes, labelling only the decades (minor labels overlap)."""
+    for use, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
+        if use:
+            set_scale("log")
+            axis.set_minor_formatter(mpl.ticker.NullFormatter())
