@@ -64,8 +64,8 @@ def test_isoflop_exponent_on_a_known_law():
             N = N_opt * 10**k
             rows.append((C, N, float(law.predict(N, C / (6 * N)))))
     C, N, L = map(np.array, zip(*rows, strict=True))
-    a, minima = scaling.isoflop_exponent(C, N, L)
-    assert a == pytest.approx(law.a, abs=0.03) and len(minima) == 3
+    a, minima, interior = scaling.isoflop_exponent(C, N, L)
+    assert a == pytest.approx(law.a, abs=0.03) and len(minima) == 3 and all(interior.values())
 
 
 @pytest.mark.parametrize("args, match", [
@@ -111,3 +111,15 @@ def test_bootstrap_resamples_within_groups():
     groups = np.array([0, 0, 0, 1, 1, 1])
     seen = scaling.bootstrap(lambda idx: tuple(sorted(groups[idx])), 6, n_boot=20, groups=groups)
     assert all(tuple(v) == (0, 0, 0, 1, 1, 1) for v in seen)
+
+
+def test_fit_parametric_converges():
+    """Refitting from the result must not find a noticeably better optimum."""
+    N, D, L = synthetic(HOFFMANN_2022, n=15, noise=0.01, seed=3)
+    fit = scaling.fit_parametric(N, D, L)
+    theta = [np.log(fit.A), np.log(fit.B), np.log(fit.E), fit.alpha, fit.beta]
+    args = (np.log(N), np.log(D), np.log(L), 1e-3)
+    refit = scaling.fit_parametric(N, D, L, starts=[theta])
+    assert scaling._objective(
+        [np.log(refit.A), np.log(refit.B), np.log(refit.E), refit.alpha, refit.beta], *args
+    )[0] >= scaling._objective(theta, *args)[0] * (1 - 1e-6)
