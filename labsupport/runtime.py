@@ -199,6 +199,26 @@ def cached_tensors(path: Path, build, desc: str = "") -> tuple[dict[str, torch.T
         return load_tensors(path)
 
 
+def cached_json(path: Path, build, desc: str = "") -> tuple[dict, bool]:
+    """Load a JSON record from `path`, or call `build() -> dict` and save it first.
+
+    Returns (record, built_now). Locked and written atomically like `cached_tensors`; a file
+    that does not parse is reported and rebuilt.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return json.loads(path.read_text()), False
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                warnings.warn(f"rebuilding {desc or path.name}: unreadable ({e})", stacklevel=2)
+        record = build()
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record))
+        return record, True
+
+
 def stable_hash(obj) -> str:
     """A short hash of a JSON-serialisable object, stable across runs and machines."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,20 +9,18 @@ compute budget and a power law to the minima. Introduced in lab 10.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from filelock import FileLock
 from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
 from . import data
 from .model import ModelConfig, Transformer
-from .runtime import atomic_path, cache_dir, device, stable_hash
+from .runtime import cache_dir, cached_json, device, stable_hash
 from .train import TrainConfig, evaluate_loss, train
 
 RECIPE_VERSION = 1  # bump when the training recipe of scaling runs changes
@@ -273,19 +271,9 @@ def run(spec: RunSpec, progress: bool = False) -> dict:
     """Train one scaling run (or read its cached result): N (all parameters), N_nonemb, D,
     C = 6ND, val loss, wall time."""
     path = cache_dir() / "scaling" / f"run-{spec.key()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            try:
-                result = json.loads(path.read_text())
-                if result.get("key") == spec.key():
-                    return result | {"cached": True}
-            except (json.JSONDecodeError, OSError):
-                pass  # a damaged result: train again
-        result = _train_run(spec, progress)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(result))
-        return result | {"cached": False}
+    result, built = cached_json(path, lambda: _train_run(spec, progress),
+                                desc=f"scaling run {spec.key()}")
+    return result | {"cached": not built}
 
 
 def _train_run(spec: RunSpec, progress: bool) -> dict:
