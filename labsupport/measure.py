@@ -60,18 +60,7 @@ class Timing:
 
 def time_fn(fn, warmup: int = 1, repeats: int = 5, device: str | None = None) -> Timing:
     """Time fn() `repeats` times after `warmup` untimed calls, synchronising CUDA around each."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return Timing(times)
+    return time_interleaved({"fn": fn}, warmup, repeats, device)["fn"]
 
 
 def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5,
