@@ -93,10 +93,21 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _state_tensors(values) -> list[torch.Tensor]:
+    """The tensors in state-dict values, looking inside the tuples torch.ao's packed layers hold."""
+    found = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            found.extend(_state_tensors(v))
+    return found
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's saved state (parameters, persistent buffers); tied weights once."""
-    by_storage = {t.data_ptr(): tensor_bytes(t) for t in model.state_dict().values()}
-    return sum(by_storage.values())
+    tensors = _state_tensors(model.state_dict().values())
+    return sum({t.data_ptr(): tensor_bytes(t) for t in tensors}.values())
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -109,7 +120,7 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.tie_embeddings:
         return total
-    return total - tensor_bytes(model.embed_tokens.weight)
+    return total - tensor_bytes(*model.embed_tokens.state_dict().values())
 
 
 def peak_memory_bytes(fn, interval_s: float = 0.001) -> int:

@@ -233,8 +233,9 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
                              f"{self.cfg.max_seq_len}")
-        cos = self.rope_cos[start:start + T].to(self.embed_tokens.weight.dtype)  # (T, D)
-        sin = self.rope_sin[start:start + T].to(self.embed_tokens.weight.dtype)
+        dtype = self.norm.weight.dtype  # the compute dtype (the embedding may be stored quantized)
+        cos = self.rope_cos[start:start + T].to(dtype)  # (T, D)
+        sin = self.rope_sin[start:start + T].to(dtype)
         x = self.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
@@ -244,7 +245,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache matching this model's dtype and device."""
-        w = self.embed_tokens.weight
+        w = self.norm.weight
         return KVCache(self.cfg, batch, max_len, dtype=w.dtype, device=w.device)
 
 

@@ -1,0 +1,180 @@
+"""Quantization: RTN error bounds, exact storage, GPTQ against RTN, torch's int8, the kernels."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from labsupport import measure, quant
+from labsupport.model import generate
+
+
+def _weight(rows=48, cols=128, seed=0, scale=1.0):
+    return scale * torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def _group_scales(qt):
+    return qt.scales.float().repeat_interleave(qt.group_size, dim=1)  # (O, I)
+
+
+@pytest.mark.parametrize("bits", quant.SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size", [None, 32, 128])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_rtn_error_is_at_most_half_a_step(bits, group_size, scale):
+    w = _weight(scale=scale)
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    qt = quant.quantize_rtn(w, bits, group_size)
+    err = (w - qt.dequantize()).abs()
+    half_step = _group_scales(qt) / 2
+    assert (err <= half_step * (1 + 1e-5)).all(), f"max error/half-step {(err / half_step).max()}"
+    codes = qt.codes()
+    assert codes.abs().max() <= quant.qmax(bits)
+    assert (codes[3] == 0).all() and (qt.dequantize()[3] == 0).all()
+
+
+@pytest.mark.parametrize("bits", quant.SUPPORTED_BITS)
+@pytest.mark.parametrize("shape,group_size", [((48, 128), None), ((48, 128), 32), ((7, 96), 32)])
+def test_nbytes_is_packed_codes_plus_fp16_scales(bits, shape, group_size):
+    qt = quant.quantize_rtn(torch.randn(*shape), bits, group_size)
+    rows, cols = shape
+    groups = cols // (group_size or cols)
+    assert qt.packed.dtype == torch.uint8
+    assert qt.packed.numel() == math.ceil(rows * cols * bits / 8)
+    assert qt.nbytes == math.ceil(rows * cols * bits / 8) + 2 * rows * groups
+    if bits == 4:
+        assert qt.packed.numel() == rows * cols // 2  # two codes per byte
+
+
+@pytest.mark.parametrize("bits", quant.SUPPORTED_BITS)
+@pytest.mark.parametrize("n", [1, 7, 8, 1001])
+def test_pack_unpack_round_trip(bits, n):
+    codes = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(n))
+    packed = quant.pack_codes(codes, bits)
+    assert torch.equal(quant.unpack_codes(packed, bits, n), codes.to(torch.uint8))
+
+
+def test_four_bit_codes_share_a_byte_low_nibble_first():
+    packed = quant.pack_codes(torch.tensor([3, 12, 15, 0]), 4)
+    assert packed.tolist() == [3 | 12 << 4, 15]
+
+
+def _torch_int8_per_channel(weight):
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    layer = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    layer[0].weight.data.copy_(weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(layer, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)[0].weight()
+
+
+def test_int8_agrees_with_torch_within_one_step():
+    w = _weight(rows=64, cols=96, seed=3)
+    ours, theirs = quant.quantize_rtn(w, 8), _torch_int8_per_channel(w)
+    steps = (ours.dequantize() - theirs.dequantize()).abs() / ours.scales.float()
+    assert steps.max() <= 1.0 + 1e-4, f"differs from torch.ao by {steps.max():.3f} steps"
+    # Torch divides max|w| by 127.5, we by 127; given our scales, torch rounds exactly as we do.
+    same_scales = torch.quantize_per_channel(w, ours.scales[:, 0].double(),
+                                             torch.zeros(64, dtype=torch.long), 0, torch.qint8)
+    assert torch.equal(same_scales.int_repr(), ours.codes())
+
+
+def _correlated_inputs(n=2048, cols=128, rank=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(rank, cols, generator=gen)
+    return torch.randn(n, rank, generator=gen) @ mix + 0.05 * torch.randn(n, cols, generator=gen)
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, None), (4, None), (4, 32), (8, None)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+    w, x = _weight(), _correlated_inputs()
+    ref = x @ w.T
+
+    def output_error(qt):
+        return ((x @ qt.dequantize().T - ref) ** 2).mean().item()
+
+    rtn = output_error(quant.quantize_rtn(w, bits, group_size))
+    gptq = output_error(quant.gptq(w, x, bits, group_size))
+    assert gptq < 0.5 * rtn, f"GPTQ output MSE {gptq:.3g} is not well below RTN's {rtn:.3g}"
+
+
+def test_gptq_codes_stay_on_the_grid_and_handle_dead_inputs():
+    w, x = _weight(), _correlated_inputs()
+    x[:, 5] = 0.0  # an input that never fires
+    qt = quant.gptq(w, x, 4, 32)
+    assert qt.codes().abs().max() <= quant.qmax(4)
+    assert (qt.codes()[:, 5] == 0).all()
+    assert torch.isfinite(qt.dequantize()).all()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: quant.quantize_rtn(torch.randn(4, 8), 5), "bits must be one of"),
+    (lambda: quant.quantize_rtn(torch.randn(4, 8), 16), "bits must be one of"),
+    (lambda: quant.quantize_rtn(torch.randn(4, 96), 4, 64), "group_size must be None"),
+    (lambda: quant.quantize_rtn(torch.randn(4, 96), 4, 0), "group_size must be None"),
+    (lambda: quant.quantize_rtn(torch.randn(8), 4), "2-D float tensor"),
+    (lambda: quant.quantize_rtn(torch.ones(4, 8, dtype=torch.long), 4), "2-D float tensor"),
+    (lambda: quant.gptq(torch.randn(4, 8), torch.randn(10, 9), 4), r"inputs must have shape"),
+    (lambda: quant.gptq_from_hessian(torch.randn(4, 8), torch.eye(7), 4), "H must have shape"),
+    (lambda: quant.gptq(torch.randn(4, 8), torch.randn(10, 8), 4, damp=-1), "damp must be"),
+    (lambda: quant.quantize_model(tiny_model(), 4, method="awq"), "method must be"),
+    (lambda: quant.quantize_model(tiny_model(), 4, method="gptq"), "needs calibration"),
+    (lambda: quant.quantize_model(tiny_model(tie_embeddings=True), 4), "tied embeddings"),
+])
+def test_bad_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_quantized_model_is_close_small_and_still_generates():
+    model = tiny_model(seed=2)
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(idx)
+        q8 = quant.quantize_model(model, 8)
+        rel = ((q8(idx) - ref).norm() / ref.norm()).item()
+    assert rel < 0.02, f"int8 logits off by {rel:.3f} (relative)"
+    fp16_bytes = quant.saved_bytes(model.half())
+    q4 = quant.quantize_model(model.float(), 4, group_size=32)
+    assert quant.saved_bytes(q4) <= 0.30 * fp16_bytes
+    assert quant.saved_bytes(q8) <= 0.55 * fp16_bytes
+    cached = generate(q4, idx[:, :5], 10)
+    assert torch.equal(cached, generate(q4, idx[:, :5], 10, use_cache=False))
+
+
+def test_gptq_model_keeps_skipped_layers_and_quantizes_the_rest():
+    model = tiny_model(seed=4)
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    q = quant.quantize_model(model, 4, 32, method="gptq", calibration=calib, skip=("lm_head",))
+    assert isinstance(q.lm_head, torch.nn.Linear)
+    assert torch.equal(q.lm_head.weight, model.lm_head.weight)
+    assert isinstance(q.layers[1].mlp.down_proj, quant.QuantizedLinear)
+    assert isinstance(q.embed_tokens, quant.QuantizedEmbedding)
+    assert measure.weight_bytes(q) < 0.5 * measure.weight_bytes(model)
+
+
+@pytest.mark.parametrize("bits,group_size,kernel", [(8, None, quant.Int8Linear),
+                                                    (4, 32, quant.Int4Linear)])
+def test_kernels_match_the_dequantized_reference(bits, group_size, kernel):
+    w = _weight(rows=64, cols=128)
+    qt = quant.quantize_rtn(w, bits, group_size)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(9))
+    ref = x @ qt.dequantize().T
+    out = kernel(qt)(x)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, f"{kernel.__name__} differs from x @ dequantized weight by {rel:.2e} (bf16)"
+
+
+def test_with_kernels_swaps_layers_and_refuses_three_bit():
+    model = tiny_model(seed=5, d_model=64, d_ff=128)
+    fast = quant.with_kernels(quant.quantize_model(model, 4, 32))
+    assert isinstance(fast.layers[0].self_attn.q_proj, quant.Int4Linear)
+    assert fast.norm.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(fast(idx).float()).all()
+    with pytest.raises(ValueError, match="no integer kernel for 3-bit"):
+        quant.with_kernels(quant.quantize_model(model, 3, 32))
