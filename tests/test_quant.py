@@ -178,3 +178,31 @@ def test_with_kernels_swaps_layers_and_refuses_three_bit():
         assert torch.isfinite(fast(idx).float()).all()
     with pytest.raises(ValueError, match="no integer kernel for 3-bit"):
         quant.with_kernels(quant.quantize_model(model, 3, 32))
+
+
+def test_outlier_features_preserve_the_function():
+    model = tiny_model(seed=6)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    big = quant.add_outlier_features(model, [1, 7], 50.0)
+    with torch.no_grad():
+        diff = (big(idx) - model(idx)).abs().max().item()
+    assert diff < 1e-4, f"outlier injection changed logits by {diff:.2e}"
+    gain, old = big.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.weight
+    assert gain[7] == 50.0 * old[7] and gain[6] == old[6]
+
+
+def test_one_scale_per_tensor_suffers_from_outliers_one_per_feature_does_not():
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] *= 100.0  # an outlier feature
+
+    def error_on_ordinary_features(granularity):
+        err = (quant.fake_quantize(x, 8, granularity) - x)[:, torch.arange(64) != 5]
+        return err.norm().item() / x[:, torch.arange(64) != 5].norm().item()
+
+    errors = {g: error_on_ordinary_features(g) for g in quant.GRANULARITIES}
+    assert errors["tensor"] > 10 * errors["feature"]
+    assert errors["token"] > 10 * errors["feature"]
+    assert errors["group"] < errors["token"]
+    assert errors["mixed"] <= errors["token"] / 10
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        quant.fake_quantize(x, 8, "channel")
