@@ -296,6 +296,19 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
 
 
 @torch.no_grad()
+def capture_inputs(model: nn.Module, name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The inputs (n, I) that the layer `name` sees while the model reads tokens (B, T)."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda module, args, output: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        model(tokens.to(model.norm.weight.device))
+    finally:
+        handle.remove()
+    return torch.cat(seen).float()
+
+
+@torch.no_grad()
 def _input_hessians(model: nn.Module, names: list[str],
                     calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / n of the inputs X that each named Linear sees on the calibration tokens."""

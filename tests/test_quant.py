@@ -206,3 +206,13 @@ def test_one_scale_per_tensor_suffers_from_outliers_one_per_feature_does_not():
     assert errors["mixed"] <= errors["token"] / 10
     with pytest.raises(ValueError, match="granularity must be one of"):
         quant.fake_quantize(x, 8, "channel")
+
+
+def test_capture_inputs_are_what_the_layer_multiplies():
+    model = tiny_model(seed=7)
+    idx = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    x = quant.capture_inputs(model, "lm_head", idx)
+    assert x.shape == (30, model.cfg.d_model)
+    with torch.no_grad():
+        logits = model(idx).reshape(30, -1)
+    assert torch.allclose(x @ model.lm_head.weight.T, logits, atol=1e-5)
