@@ -62,6 +62,9 @@ def _check_group_size(group_size: int | None, in_features: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes in [0, 2^bits) -> uint8 stream of ceil(n * bits / 8) bytes."""
     _check_bits(bits)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}, got "
+                         f"[{codes.min().item()}, {codes.max().item()}]")
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
@@ -122,6 +125,9 @@ def _scales(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     n_out, n_in = weight.shape
     amax = weight.detach().float().view(n_out, n_in // group_size, group_size).abs().amax(dim=-1)
     exact = (amax / qmax(bits)).clamp(min=2.0**-24)  # all-zero groups get the smallest scale
+    if not torch.isfinite(exact).all() or exact.max() > torch.finfo(SCALE_DTYPE).max:
+        raise ValueError(f"weights must be finite with max|w| / qmax below float16's maximum "
+                         f"(65504) to store their scales; got max|w| = {amax.max().item():.3g}")
     stored = exact.to(SCALE_DTYPE)
     up = torch.nextafter(stored, torch.tensor(float("inf"), dtype=SCALE_DTYPE,
                                               device=stored.device))
@@ -178,7 +184,11 @@ def gptq(weight: torch.Tensor, inputs: torch.Tensor, bits: int, group_size: int 
 def gptq_from_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int,
                       group_size: int | None = None, damp: float = 0.01,
                       block_size: int = 128) -> QuantizedTensor:
-    """GPTQ given the Hessian H (I, I) instead of the inputs (the form used inside a model)."""
+    """GPTQ given the Hessian H (I, I) instead of the inputs (the form used inside a model).
+
+    With groups, a group's scale is taken from its weights as updated when the group begins
+    (the reference code reads them before in-block updates when groups are smaller than blocks).
+    """
     _check_bits(bits)
     n_out, n_in = _check_weight(weight)
     group_size = _check_group_size(group_size, n_in)
@@ -253,7 +263,7 @@ class QuantizedEmbedding(QuantizedLinear):
     compute_dtype = torch.float32  # dtype of the vectors it returns
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        codes = self.qtensor.codes()[idx].float()  # (..., C): only the rows asked for
+        codes = self.qtensor.codes()[idx].float()  # unpack the table, keep the rows asked for
         scales = self.scales[idx].float().repeat_interleave(self.group_size, dim=-1)
         return (codes * scales).to(self.compute_dtype)
 
@@ -359,7 +369,11 @@ def saved_bytes(model: nn.Module) -> int:
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 Linear on `torch._weight_int8pack_mm`: bf16 activations x int8 codes."""
+    """Weight-only int8 Linear on `torch._weight_int8pack_mm`: bf16 activations x int8 codes.
+
+    The kernel takes its scales in bfloat16, whose rounding (up to 2^-8 relative) can move a
+    weight by up to one quantization step from the original instead of half a step.
+    """
 
     def __init__(self, qt: QuantizedTensor):
         super().__init__()
@@ -461,24 +475,32 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "token",
 
 
 class ActQuantLinear(nn.Module):
-    """W8A8 simulated: int8 per-channel weights times inputs quantized per `granularity`."""
+    """Inputs quantized per `granularity`, times weights rounded per channel (or kept float)."""
 
-    def __init__(self, weight: torch.Tensor, granularity: str, bits: int = 8):
+    def __init__(self, weight: torch.Tensor, granularity: str, bits: int = 8,
+                 weight_bits: int | None = 8):
         super().__init__()
-        self.register_buffer("weight", quantize_rtn(weight, bits).dequantize())
+        weight = weight.detach().float()
+        if weight_bits is not None:
+            weight = quantize_rtn(weight, weight_bits).dequantize()
+        self.register_buffer("weight", weight)
         self.granularity, self.bits = granularity, bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_quantize(x, self.bits, self.granularity), self.weight)
 
 
-def quantize_activations(model: nn.Module, granularity: str, bits: int = 8) -> nn.Module:
-    """A copy of a course model whose Linears quantize weights and inputs (W8A8 by default)."""
+def quantize_activations(model: nn.Module, granularity: str, bits: int = 8,
+                         weight_bits: int | None = 8) -> nn.Module:
+    """A copy of a course model whose Linears quantize their inputs (and weights, per channel).
+
+    W8A8 by default; weight_bits=None keeps weights in float, to study activations alone.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     qmodel = copy.deepcopy(model).eval()
     for name, linear in _linears(qmodel):
-        _replace(qmodel, name, ActQuantLinear(linear.weight.detach(), granularity, bits))
+        _replace(qmodel, name, ActQuantLinear(linear.weight, granularity, bits, weight_bits))
     return qmodel
 
 

@@ -76,9 +76,9 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, seq_len: int,
-                  batch_size: int = 16, n_batches: int = 8, seed: int = 1234) -> float:
-    """Validation loss on fixed random windows (the same windows on every call)."""
+def batch_losses(model: torch.nn.Module, data: torch.Tensor, seq_len: int,
+                 batch_size: int = 16, n_batches: int = 8, seed: int = 1234) -> list[float]:
+    """Loss of each of n_batches fixed random batches (the same windows on every call)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -88,6 +88,13 @@ def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, seq_len: int,
         x, y = get_batch(data, batch_size, seq_len, gen)
         losses.append(lm_loss(model, x.to(device), y.to(device)).item())
     model.train(was_training)
+    return losses
+
+
+def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, seq_len: int,
+                  batch_size: int = 16, n_batches: int = 8, seed: int = 1234) -> float:
+    """Validation loss on fixed random windows (the same windows on every call)."""
+    losses = batch_losses(model, data, seq_len, batch_size, n_batches, seed)
     return sum(losses) / len(losses)
 
 

@@ -216,3 +216,60 @@ def test_capture_inputs_are_what_the_layer_multiplies():
     with torch.no_grad():
         logits = model(idx).reshape(30, -1)
     assert torch.allclose(x @ model.lm_head.weight.T, logits, atol=1e-5)
+
+
+def test_out_of_range_input_is_refused():
+    with pytest.raises(ValueError, match="codes must lie in"):
+        quant.pack_codes(torch.tensor([0, 16]), 4)
+    with pytest.raises(ValueError, match="float16's maximum"):
+        quant.quantize_rtn(torch.tensor([[1e5, 1.0]]), 2)
+    with pytest.raises(ValueError, match="finite"):
+        quant.quantize_rtn(torch.tensor([[float("nan"), 1.0]]), 8)
+    with pytest.raises(ValueError, match="Int8Linear needs"):
+        quant.Int8Linear(quant.quantize_rtn(_weight(), 8, 32))
+    with pytest.raises(ValueError, match="Int4Linear needs"):
+        quant.Int4Linear(quant.quantize_rtn(_weight(), 3, 32))
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_gptq_with_uncorrelated_inputs_is_rtn(group_size):
+    """With H proportional to I no column can absorb another's error: GPTQ reduces to RTN."""
+    w = _weight()
+    qt = quant.gptq_from_hessian(w, 3.0 * torch.eye(128), 4, group_size)
+    assert torch.equal(qt.codes(), quant.quantize_rtn(w, 4, group_size).codes())
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_gptq_lazy_blocks_do_not_change_the_result(group_size):
+    w, x = _weight(), _correlated_inputs()
+    small = quant.gptq(w, x, 4, group_size, block_size=32)  # groups of 64 span two blocks
+    large = quant.gptq(w, x, 4, group_size, block_size=128)
+    same = (small.codes() == large.codes()).float().mean().item()
+    assert same > 0.995, f"only {same:.2%} of codes agree across block sizes"
+
+
+def test_quantized_embedding_looks_up_dequantized_rows():
+    qt = quant.quantize_rtn(_weight(rows=50, cols=64), 4, 32)
+    emb = quant.QuantizedEmbedding(qt)
+    idx = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    assert torch.equal(emb(idx), qt.dequantize()[idx])
+
+
+def test_saved_bytes_is_the_packed_storage_plus_the_rest():
+    model = tiny_model(seed=8)
+    q = quant.quantize_model(model, 4, 32)
+    packed = sum(m.qtensor.nbytes for m in q.modules() if isinstance(m, quant.QuantizedLinear))
+    rest = sum(p.numel() * p.element_size() for p in q.parameters())  # the norm gains
+    overhead = quant.saved_bytes(q) - packed - rest
+    assert 0 < overhead < 8192, f"{overhead} bytes beyond the tensors (the safetensors header)"
+
+
+def test_activation_quantization_alone_is_nearly_lossless_without_outliers():
+    model = tiny_model(seed=9)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(idx)
+        for granularity in quant.GRANULARITIES:
+            out = quant.quantize_activations(model, granularity, weight_bits=None)(idx)
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert rel < 0.02, f"{granularity}: int8 activations moved logits by {rel:.3f}"

@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 from labsupport import data
 from labsupport.runtime import cache_dir
-from labsupport.train import TrainConfig, evaluate_loss, lr_at, train
+from labsupport.train import TrainConfig, batch_losses, evaluate_loss, lr_at, train
 
 VOCAB = 512  # small vocabulary: the tokenizer trains in a second or two
 
@@ -79,3 +79,12 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
     with pytest.raises(ValueError, match="steps must be >= 1"):
         TrainConfig(steps=0)
+
+
+def test_evaluate_loss_is_the_mean_of_batch_losses():
+    data = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(seed=1)
+    losses = batch_losses(model, data, 32, batch_size=4, n_batches=5)
+    assert len(losses) == 5 and len(set(losses)) > 1
+    assert evaluate_loss(model, data, 32, batch_size=4, n_batches=5) == pytest.approx(
+        sum(losses) / 5)
