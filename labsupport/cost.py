@@ -7,7 +7,10 @@ GPU-hours or joules uses these functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from .model import ModelConfig
 
 SECONDS_PER_HOUR = 3600.0
 HOURS_PER_YEAR = 24 * 365.25
@@ -160,3 +163,43 @@ def decode_tokens_per_s_roofline(weight_bytes: float, mem_bandwidth: float, batc
         return memory_roof
     _positive(flops_per_token=flops_per_token, peak_flops=peak_flops)
     return min(memory_roof, peak_flops / flops_per_token)
+
+
+# ----------------------------------------------------------------------------------------
+# Real architectures, for KV-cache arithmetic (lab 31). Shapes from each family's paper and the
+# published config.json files; max_seq_len is the context the model was released with.
+
+MODELS: dict[str, ModelConfig] = {
+    "Llama-2-7B": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                              d_ff=11008, max_seq_len=4096),
+    "Llama-2-13B": ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
+                               d_ff=13824, max_seq_len=4096),
+    "Llama-2-70B": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64,
+                               n_kv_heads=8, d_ff=28672, max_seq_len=4096),
+    "Llama-3.1-8B": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                                n_kv_heads=8, d_ff=14336, max_seq_len=131072,
+                                rope_theta=500000.0),
+}
+MODEL_SOURCES = {
+    "Llama-2-7B": "Touvron et al. 2023 (Llama 2), config.json of meta-llama/Llama-2-7b-hf",
+    "Llama-2-13B": "Touvron et al. 2023 (Llama 2), config.json of meta-llama/Llama-2-13b-hf",
+    "Llama-2-70B": "Touvron et al. 2023 (Llama 2, GQA with 8 KV heads), config.json",
+    "Llama-3.1-8B": "Dubey et al. 2024 (The Llama 3 Herd of Models, Table 3), config.json",
+}
+
+
+def sequences_per_gpu(cfg: ModelConfig, context_len: int, gpu_bytes: float = 80e9,
+                      weight_bytes_per_param: float = 2, kv_bytes_per_value: int = 2
+                      ) -> tuple[int, int]:
+    """(GPUs needed for the weights, sequences of context_len whose KV cache fits beside them).
+
+    Uses the fewest GPUs of gpu_bytes that hold the weights, then fills what is left with
+    caches. Ignores activations, the framework's own memory and fragmentation, so real servers
+    fit fewer sequences.
+    """
+    _positive(context_len=context_len, gpu_bytes=gpu_bytes,
+              weight_bytes_per_param=weight_bytes_per_param)
+    weights = cfg.num_params(non_embedding=False) * weight_bytes_per_param
+    n_gpus = max(1, math.ceil(weights / gpu_bytes))
+    free = n_gpus * gpu_bytes - weights
+    return n_gpus, int(free // cfg.kv_cache_bytes(1, context_len, kv_bytes_per_value))

@@ -167,6 +167,29 @@ def flops_per_token(cfg: ModelConfig, context_len: int, training: bool = False) 
     return 3 * forward if training else forward
 
 
+def generation_flops(cfg: ModelConfig, prompt_len: int, new_tokens: int,
+                     use_cache: bool = True) -> float:
+    """Matmul FLOPs of greedy generation as `model.generate` runs it (lab 31).
+
+    With a cache: one prefill of the prompt, then one token per step, each attending to all
+    earlier ones. Without: step k runs the whole sequence of prompt_len + k tokens again. Each
+    token at position i costs flops_per_token(cfg, i), linear parts plus attention to i tokens.
+    """
+    if prompt_len < 1 or new_tokens < 0:
+        raise ValueError(f"need prompt_len >= 1 and new_tokens >= 0, got {prompt_len}, "
+                         f"{new_tokens}")
+
+    if new_tokens == 0:
+        return 0.0
+
+    def run(first: int, last: int) -> float:  # tokens at positions first..last (1-based)
+        return sum(flops_per_token(cfg, i) for i in range(first, last + 1))
+
+    if use_cache:
+        return run(1, prompt_len) + run(prompt_len + 1, prompt_len + new_tokens - 1)
+    return sum(run(1, prompt_len + k) for k in range(new_tokens))
+
+
 def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32,
                        device: str | None = None, repeats: int = 5) -> float:
     """Measured peak of this machine: FLOP/s of an n x n matmul (2n^3 FLOPs), best of repeats."""

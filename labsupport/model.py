@@ -15,6 +15,7 @@ Introduced in lab 00; the KV cache is the subject of lab 31 and GQA of lab 32.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -266,30 +267,43 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
              use_cache: bool = True, temperature: float = 0.0, top_k: int | None = None,
-             seed: int | None = None) -> torch.Tensor:
+             seed: int | None = None, cache: KVCache | None = None,
+             step_seconds: list | None = None) -> torch.Tensor:
     """Extend prompt (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
     Without a cache every step runs the whole sequence again; with one, the prompt is run once
-    (prefill) and each step runs only the newest token (decode).
+    (prefill) and each step runs only the newest token (decode). Pass `cache` to continue a
+    conversation: it already holds the earlier tokens, and `prompt` holds only the new ones
+    (the last generated token is never in the cache: it comes back as the next prompt's first).
+    If `step_seconds` is a list, the wall time of each step is appended to it (lab 31).
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be a (batch, length>=1) tensor of ids, got {prompt.shape}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    total = prompt.shape[1] + max_new_tokens
+    past = cache.length if cache is not None else 0
+    total = past + prompt.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len "
+        raise ValueError(f"cached + prompt + max_new_tokens = {total} exceeds max_seq_len "
                          f"{model.cfg.max_seq_len}")
+    if cache is not None and not use_cache:
+        raise ValueError("a cache was passed with use_cache=False")
     gen = None
     if seed is not None:
         gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    cache = model.new_cache(prompt.shape[0], total) if use_cache else None
+    if use_cache and cache is None:
+        cache = model.new_cache(prompt.shape[0], total)
     out, step_input = prompt, prompt
     for _ in range(max_new_tokens):
+        start = time.perf_counter()
         logits = model(step_input, cache=cache)[:, -1, :]  # (B, V): only the last position
         nxt = sample_next(logits, temperature, top_k, gen)  # (B, 1)
         out = torch.cat([out, nxt], dim=1)
         step_input = nxt if use_cache else out
+        if step_seconds is not None:
+            if nxt.is_cuda:
+                torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - start)
     return out
 
 
