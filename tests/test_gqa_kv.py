@@ -107,3 +107,29 @@ def test_converted_model_is_a_plain_transformer_on_the_same_device():
     converted = gqa.mean_pool_kv_heads(tiny_model(seed=6), 1)
     assert isinstance(converted, Transformer)
     assert converted.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+
+
+def test_generation_flops_counts_exactly_the_positions_generate_runs():
+    cfg = tiny_config()
+    f = [measure.flops_per_token(cfg, i) for i in range(0, 8)]
+    # prompt of 2, 3 new tokens: cached runs positions 1-2 (prefill) then 3 and 4;
+    # uncached runs 1-2, then 1-3, then 1-4.
+    assert measure.generation_flops(cfg, 2, 3) == f[1] + f[2] + f[3] + f[4]
+    assert measure.generation_flops(cfg, 2, 3, use_cache=False) == \
+        (f[1] + f[2]) + (f[1] + f[2] + f[3]) + (f[1] + f[2] + f[3] + f[4])
+
+
+def test_mean_pooling_from_an_already_grouped_model():
+    model = tiny_model(seed=7, n_heads=8, n_kv_heads=4, d_model=64)
+    model = _with_identical_heads_in_groups(model, 2)  # pairs of K/V heads made identical
+    converted = gqa.mean_pool_kv_heads(model, 2)
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (converted(idx) - model(idx)).abs().max() < 1e-5
+
+
+def test_gqa_config_from_a_grouped_base():
+    base = tiny_config(n_heads=8, n_kv_heads=4)
+    mqa = gqa.gqa_config(base, 1)
+    assert mqa.n_kv_heads == 1 and abs(mqa.num_params() / base.num_params() - 1) < 0.01
+    assert gqa.gqa_config(base, 2, match_params=False).d_ff == base.d_ff
