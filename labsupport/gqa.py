@@ -7,7 +7,6 @@ Shape letters as in `labsupport.model`: C d_model, H query heads, Hkv key/value 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -25,8 +24,8 @@ def _check_groups(cfg: ModelConfig, n_kv_heads: int) -> None:
 def gqa_config(cfg: ModelConfig, n_kv_heads: int, match_params: bool = True) -> ModelConfig:
     """`cfg` with n_kv_heads K/V heads; with match_params, d_ff grows to keep the parameter count.
 
-    Fewer K/V heads remove 2 (H - Hkv) D C weights per layer; Llama 2's ablation gave them back
-    to the MLP, so that the variants compare at (nearly) equal size and training compute.
+    Fewer K/V heads remove 2 (H - Hkv) D C weights per layer; giving them back to the MLP lets
+    the variants compare at (nearly) equal size and training compute.
     """
     _check_groups(cfg, n_kv_heads)
     new = replace(cfg, n_kv_heads=n_kv_heads)
@@ -50,7 +49,7 @@ def mean_pool_kv_heads(model: Transformer, n_kv_heads: int) -> Transformer:
                          f"model's {cfg.n_kv_heads} K/V heads")
     new_cfg = replace(cfg, n_kv_heads=n_kv_heads)
     converted = Transformer(new_cfg).to(model.norm.weight.device, model.norm.weight.dtype)
-    state = copy.deepcopy(model.state_dict())
+    state = dict(model.state_dict())  # load_state_dict copies, so the model is not touched
     group = cfg.n_kv_heads // n_kv_heads
     for i in range(cfg.n_layers):
         for name in ("k_proj", "v_proj"):
