@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
-from .runtime import atomic_path, cache_dir, cached_tensors, stable_hash
+from .runtime import CorruptCacheError, cache_dir, cached_file, cached_tensors, stable_hash
 
 DATA_VERSION = 1  # bump when the corpus selection or the tokenizer recipe changes
 SPLITS = ("train", "val", "new_domain")
@@ -94,34 +93,52 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
-def tokenizer(vocab_size: int = 4096):
-    """A byte-level BPE tokenizer trained on the train split; cached per vocabulary size."""
+def _check_vocab_size(vocab_size: int) -> None:
+    if not isinstance(vocab_size, int) or not 256 + 1 <= vocab_size <= 65535:
+        raise ValueError(f"vocab_size must be in 257..65535 (an int: bytes + <|endoftext|>, "
+                         f"and token ids stored as uint16), got {vocab_size!r}")
+
+
+def _read_tokenizer(path: Path, vocab_size: int):
     from tokenizers import Tokenizer
 
-    if not 256 + 1 <= vocab_size <= 65535:
-        raise ValueError(f"vocab_size must be in 257..65535 (bytes + <|endoftext|>, and token "
-                         f"ids stored as uint16), got {vocab_size}")
-    path = _tokenizer_path(vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            try:
-                tok = Tokenizer.from_file(str(path))
-                if tok.get_vocab_size() == vocab_size and tok.token_to_id(EOT) == 0:
-                    return tok
-            except Exception:  # a garbled file: rebuild it below
-                pass
-        tok = _train_tokenizer(vocab_size)
-        with atomic_path(path) as tmp:
-            tok.save(str(tmp))
-        return tok
+    text = path.read_text(encoding="utf-8", errors="strict")  # an OSError is raised as itself
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        raise CorruptCacheError(f"{path}: unreadable ({e})") from e
+    if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOT) != 0:
+        raise CorruptCacheError(f"{path}: vocabulary of {tok.get_vocab_size()} with "
+                                f"{EOT} at {tok.token_to_id(EOT)}, expected {vocab_size} and 0")
+    return tok
+
+
+def tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on the train split; cached per vocabulary size."""
+    _check_vocab_size(vocab_size)
+    tok, _ = cached_file(_tokenizer_path(vocab_size), lambda: _train_tokenizer(vocab_size),
+                         lambda t, tmp: t.save(str(tmp)),
+                         lambda p: _read_tokenizer(p, vocab_size), desc="tokenizer")
+    return tok
+
+
+def tokenizer_fingerprint(vocab_size: int = 4096) -> str:
+    """A hash of the tokenizer itself (its vocabulary and merges), for cache keys.
+
+    Training the same corpus with another `tokenizers` release may give other merges; every
+    cache built from token ids (token arrays, zoo models) includes this hash in its key.
+    """
+    return stable_hash(tokenizer(vocab_size).to_str())
 
 
 def tokens(split: str = "train", vocab_size: int = 4096) -> torch.Tensor:
     """All token ids of a split as one 1-D int64 tensor, files separated by <|endoftext|>."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = cache_dir() / "data" / f"tokens-{split}-v{vocab_size}-{corpus_fingerprint()}.safetensors"
+    _check_vocab_size(vocab_size)
+    path = (cache_dir() / "data" /
+            f"tokens-{split}-v{vocab_size}-{corpus_fingerprint()}-"
+            f"{tokenizer_fingerprint(vocab_size)}.safetensors")
 
     def build():
         tok = tokenizer(vocab_size)

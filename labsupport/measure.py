@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from . import runtime
 from .model import ModelConfig
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """The device to measure: the one given, else the one the labs' models run on."""
+    return runtime.device() if device is None else torch.device(device)
 
 
 def _sync(dev: torch.device | str | None = None) -> None:
@@ -123,9 +129,13 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return total - tensor_bytes(*model.embed_tokens.state_dict().values())
 
 
-def peak_memory_bytes(fn, interval_s: float = 0.001) -> int:
-    """Extra memory at the peak of fn(): CUDA's allocator counter on GPU, sampled RSS on CPU."""
-    if torch.cuda.is_available():
+def peak_memory_bytes(fn, interval_s: float = 0.001,
+                      device: torch.device | str | None = None) -> int:
+    """Extra memory at the peak of fn() on `device` (default: `runtime.device()`).
+
+    CUDA's allocator counter on a GPU, the process's sampled resident memory on the CPU.
+    """
+    if _device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -152,16 +162,18 @@ def peak_memory_bytes(fn, interval_s: float = 0.001) -> int:
     return max(0, max(peak, proc.memory_info().rss) - base)
 
 
-def flops_per_token(cfg: ModelConfig, context_len: int, training: bool = False) -> float:
+def flops_per_token(cfg: ModelConfig, context_len: int, training: bool = False,
+                    head: bool = True) -> float:
     """Matmul FLOPs to process one token that attends to `context_len` tokens.
 
-    Counts 2 FLOPs per multiply-add in every weight matmul (non-embedding weights plus the output
-    head; the embedding lookup is free) and in attention's two products (QK^T and AV).
-    Training counts the backward pass as twice the forward (the usual 3x, i.e. 6N).
-    Ignores norms, activations, softmax and the optimizer, which are O(d) per token.
+    Counts 2 FLOPs per multiply-add in every weight matmul (non-embedding weights plus, when
+    `head`, the output head; the embedding lookup is free) and in attention's two products
+    (QK^T and AV). Training counts the backward pass as twice the forward (the usual 3x, i.e.
+    6N). Ignores norms, activations, softmax and the optimizer, which are O(d) per token.
     """
     matmul_params = cfg.num_params(non_embedding=True) - (2 * cfg.n_layers + 1) * cfg.d_model
-    matmul_params += cfg.vocab_size * cfg.d_model  # the output head
+    if head:
+        matmul_params += cfg.vocab_size * cfg.d_model
     attention = 2 * 2 * cfg.n_layers * context_len * cfg.n_heads * cfg.head_dim
     forward = 2 * matmul_params + attention
     return 3 * forward if training else forward
@@ -171,29 +183,33 @@ def generation_flops(cfg: ModelConfig, prompt_len: int, new_tokens: int,
                      use_cache: bool = True) -> float:
     """Matmul FLOPs of greedy generation as `model.generate` runs it (lab 31).
 
-    With a cache: one prefill of the prompt, then one token per step, each attending to all
-    earlier ones. Without: step k runs the whole sequence of prompt_len + k tokens again. Each
-    token at position i costs flops_per_token(cfg, i), linear parts plus attention to i tokens.
+    Every call of the model runs its body over the positions it is given and the output head
+    over the last one only (`logits_to_keep=1`). With a cache: one prefill of the prompt, then
+    one token per step, each attending to all earlier ones. Without: step k runs the whole
+    sequence of prompt_len + k tokens again. The body at position i costs
+    flops_per_token(cfg, i, head=False); each call adds the head's 2 x vocab x d_model.
     """
     if prompt_len < 1 or new_tokens < 0:
         raise ValueError(f"need prompt_len >= 1 and new_tokens >= 0, got {prompt_len}, "
                          f"{new_tokens}")
 
-    if new_tokens == 0:
-        return 0.0
+    head = 2 * cfg.vocab_size * cfg.d_model
 
-    def run(first: int, last: int) -> float:  # tokens at positions first..last (1-based)
-        return sum(flops_per_token(cfg, i) for i in range(first, last + 1))
+    def call(first: int, last: int) -> float:  # one forward over positions first..last (1-based)
+        return sum(flops_per_token(cfg, i, head=False) for i in range(first, last + 1)) + head
 
     if use_cache:
-        return run(1, prompt_len) + run(prompt_len + 1, prompt_len + new_tokens - 1)
-    return sum(run(1, prompt_len + k) for k in range(new_tokens))
+        decode = prompt_len + new_tokens - 1  # the last new token is sampled, never run
+        return (call(1, prompt_len) if new_tokens else 0.0) + sum(
+            call(i, i) for i in range(prompt_len + 1, decode + 1))
+    return sum(call(1, prompt_len + k) for k in range(new_tokens))
 
 
 def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32,
                        device: str | None = None, repeats: int = 5) -> float:
-    """Measured peak of this machine: FLOP/s of an n x n matmul (2n^3 FLOPs), best of repeats."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Measured peak of `device` (default: `runtime.device()`): FLOP/s of an n x n matmul
+    (2n^3 FLOPs), best of repeats."""
+    dev = _device(device)
     a = torch.randn(n, n, dtype=dtype, device=dev)
     b = torch.randn(n, n, dtype=dtype, device=dev)
     t = time_fn(lambda: a @ b, warmup=2, repeats=repeats, device=dev)
@@ -202,12 +218,13 @@ def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32,
 
 def memory_bandwidth_bytes_per_s(nbytes: int = 2**29, device: str | None = None,
                                  repeats: int = 5) -> float:
-    """Measured read bandwidth: bytes of a large fp32 tensor / time to sum it, best of repeats.
+    """Measured read bandwidth of `device` (default: `runtime.device()`): bytes of a large fp32
+    tensor / time to sum it, best of repeats.
 
     Decoding one token reads every weight once, so this read rate is the roofline of
     memory-bound generation (tokens/s <= bandwidth / bytes read per token).
     """
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     t = time_fn(lambda: x.sum(), warmup=1, repeats=repeats, device=dev)
     return tensor_bytes(x) / t.min_s

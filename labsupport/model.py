@@ -215,21 +215,39 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # fp32 always: see _apply
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style: scale residual projections down
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(bfloat16) would round the RoPE tables (cos/sin to ~2e-3 in fp16), and a
+        # cast back to fp32 could not undo it; the tables follow the model's device only.
+        cos, sin = self.rope_cos, self.rope_sin
+        super()._apply(fn, recurse)
+        dev = self.norm.weight.device
+        self.rope_cos, self.rope_sin = cos.to(dev), sin.to(dev)
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); with a cache, positions continue from it."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with a cache, positions continue from it.
+
+        `logits_to_keep=k > 0` computes the output head for the last k positions only, (B, k, V),
+        as transformers' argument of that name does: generation needs the last one, and the
+        head over every position would cost B x T x d_model x vocab multiply-adds for nothing.
+        """
         B, T = idx.shape
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), "
+                             f"got {logits_to_keep!r}")
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
@@ -242,7 +260,9 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+        return self.lm_head(self.norm(x))  # (B, T or k, V)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache matching this model's dtype and device."""
@@ -264,7 +284,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors could not be trained on afterwards
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
              use_cache: bool = True, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, cache: KVCache | None = None,
@@ -296,7 +316,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     out, step_input = prompt, prompt
     for _ in range(max_new_tokens):
         start = time.perf_counter()
-        logits = model(step_input, cache=cache)[:, -1, :]  # (B, V): only the last position
+        logits = model(step_input, cache=cache, logits_to_keep=1)[:, -1, :]  # (B, V)
         nxt = sample_next(logits, temperature, top_k, gen)  # (B, 1)
         out = torch.cat([out, nxt], dim=1)
         step_input = nxt if use_cache else out

@@ -126,7 +126,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().contiguous().cpu()
         digest.update(name.encode())
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim tensors too
     return digest.hexdigest()
 
 
@@ -150,73 +150,94 @@ def atomic_path(path: Path):
             os.remove(tmp)
 
 
+class CorruptCacheError(RuntimeError):
+    """A cache file exists but its contents are unreadable or do not match their checksum."""
+
+
+def cached_file(path: Path, build, save, load, desc: str = ""):
+    """The one cache helper: load `path`, or build the value, save it atomically, and load it.
+
+    `build()` makes the value, `save(value, tmp_path)` writes it, `load(path)` reads it back and
+    raises CorruptCacheError when the contents are bad. A file lock makes concurrent callers wait
+    for one build. A corrupt file is reported and rebuilt, never used; an OSError while reading
+    (permissions, a failing disk) is raised, so good work is never deleted because it could not
+    be read. The value returned is always what `load` gives, so a cold and a warm cache return
+    the same types. Returns (value, built_now).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return load(path), False
+            except CorruptCacheError as e:
+                warnings.warn(f"rebuilding {desc or path.name}: {e}", stacklevel=3)
+        value = build()
+        with atomic_path(path) as tmp:
+            save(value, tmp)
+        return load(path), True
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write a safetensors file atomically, with a checksum of its tensors inside."""
+    with atomic_path(path) as tmp:
+        _write_tensors((tensors, metadata), tmp)
+
+
+def _write_tensors(value: tuple[dict[str, torch.Tensor], dict], path: Path) -> None:
     from safetensors.torch import save_file
 
+    tensors, metadata = value
     meta = {"metadata_json": json.dumps(metadata), "sha256": _checksum(tensors)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=meta)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata=meta)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by `save_tensors`; raise CorruptCacheError if it does not check out."""
-    from safetensors import safe_open
+    """Read a file written by `save_tensors`; raise CorruptCacheError if it does not check out.
 
+    The bytes are read here, so an OSError (no permission, a disk error) surfaces as itself;
+    only contents that do not parse or do not match their checksum count as corruption.
+    """
+    from safetensors.torch import load as load_bytes
+
+    blob = Path(path).read_bytes()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # truncated or garbled files fail inside safetensors
-        raise CorruptCacheError(f"{path}: unreadable ({e})") from e
-    if "sha256" not in header or header["sha256"] != _checksum(tensors):
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+        tensors = load_bytes(blob)
+        metadata = json.loads(header.get("metadata_json", "{}"))
+    except Exception as e:  # truncated or garbled contents
+        raise CorruptCacheError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if header.get("sha256") != _checksum(tensors):
         raise CorruptCacheError(f"{path}: checksum mismatch")
-    return tensors, json.loads(header.get("metadata_json", "{}"))
-
-
-class CorruptCacheError(RuntimeError):
-    """A cache file exists but its contents do not match its checksum."""
+    return tensors, metadata
 
 
 def cached_tensors(path: Path, build, desc: str = "") -> tuple[dict[str, torch.Tensor], dict]:
     """Load tensors from `path`, or call `build() -> (tensors, metadata)` and save them first.
 
-    A file lock makes concurrent callers wait for one build; a corrupted file is reported and
-    rebuilt, never used.
+    Locked, atomic and checked as `cached_file` describes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            try:
-                return load_tensors(path)
-            except CorruptCacheError as e:
-                warnings.warn(f"rebuilding {desc or path.name}: {e}", stacklevel=2)
-                path.unlink()
-        tensors, metadata = build()
-        save_tensors(path, tensors, metadata)
-        return load_tensors(path)
+    value, _ = cached_file(path, build, _write_tensors, load_tensors, desc)
+    return value
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCacheError(f"{path}: unreadable ({e})") from e
 
 
 def cached_json(path: Path, build, desc: str = "") -> tuple[dict, bool]:
     """Load a JSON record from `path`, or call `build() -> dict` and save it first.
 
-    Returns (record, built_now). Locked and written atomically like `cached_tensors`; a file
-    that does not parse is reported and rebuilt.
+    Returns (record, built_now); the record is read back from the file either way, so tuples
+    become lists and keys strings on the first call as on every later one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            try:
-                return json.loads(path.read_text()), False
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                warnings.warn(f"rebuilding {desc or path.name}: unreadable ({e})", stacklevel=2)
-        record = build()
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record))
-        return record, True
+    return cached_file(path, build, lambda record, tmp: tmp.write_text(json.dumps(record)),
+                       _read_json, desc)
 
 
 def stable_hash(obj) -> str:

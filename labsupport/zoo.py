@@ -33,7 +33,8 @@ class ZooSpec:
     def key(self) -> str:
         """Hash of everything that determines the trained weights."""
         return stable_hash([self.model.to_dict(), self.train.to_dict(), self.vocab_size,
-                            data.corpus_fingerprint(), RECIPE_VERSION])
+                            data.corpus_fingerprint(), data.tokenizer_fingerprint(self.vocab_size),
+                            RECIPE_VERSION])
 
 
 def _small(profile_name: str) -> ZooSpec:

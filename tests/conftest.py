@@ -2,6 +2,10 @@
 
 import os
 
+# Pin the profile so that the suite computes the same thing on a GPU machine as here: without
+# this, CUDA would make the default profile `gpu` and move every measurement to the GPU.
+os.environ["LABS_PROFILE"] = "smoke"
+
 import pytest
 import torch
 

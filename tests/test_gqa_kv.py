@@ -68,7 +68,7 @@ def test_generation_flops_cached_grows_linearly_uncached_quadratically():
     uncached = [measure.generation_flops(cfg, 1, n, use_cache=False) for n in (256, 512)]
     assert 1.9 < cached[1] / cached[0] < 2.5  # linear parts double, attention quadruples
     assert 3.9 < uncached[1] / uncached[0] < 8.5
-    one_step = measure.flops_per_token(cfg, 1)
+    one_step = measure.flops_per_token(cfg, 1)  # one position, output head included
     assert measure.generation_flops(cfg, 1, 1) == measure.generation_flops(cfg, 1, 1, False) \
         == one_step
     assert measure.generation_flops(cfg, 5, 0) == 0.0
@@ -111,12 +111,24 @@ def test_converted_model_is_a_plain_transformer_on_the_same_device():
 
 def test_generation_flops_counts_exactly_the_positions_generate_runs():
     cfg = tiny_config()
-    f = [measure.flops_per_token(cfg, i) for i in range(0, 8)]
+    f = [measure.flops_per_token(cfg, i, head=False) for i in range(0, 8)]
+    head = 2 * cfg.vocab_size * cfg.d_model  # run once per call, at its last position
+    assert measure.flops_per_token(cfg, 3) == f[3] + head
     # prompt of 2, 3 new tokens: cached runs positions 1-2 (prefill) then 3 and 4;
-    # uncached runs 1-2, then 1-3, then 1-4.
-    assert measure.generation_flops(cfg, 2, 3) == f[1] + f[2] + f[3] + f[4]
+    # uncached runs 1-2, then 1-3, then 1-4. Each of the three calls runs the head once.
+    assert measure.generation_flops(cfg, 2, 3) == f[1] + f[2] + f[3] + f[4] + 3 * head
     assert measure.generation_flops(cfg, 2, 3, use_cache=False) == \
-        (f[1] + f[2]) + (f[1] + f[2] + f[3]) + (f[1] + f[2] + f[3] + f[4])
+        (f[1] + f[2]) + (f[1] + f[2] + f[3]) + (f[1] + f[2] + f[3] + f[4]) + 3 * head
+
+
+def test_generate_runs_the_output_head_at_one_position_per_call():
+    model = tiny_model(seed=8)
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    generate(model, prompt, 4)
+    generate(model, prompt, 4, use_cache=False)
+    assert rows == [1] * 8  # what generation_flops counts: the head once per call
 
 
 def test_mean_pooling_from_an_already_grouped_model():

@@ -150,3 +150,59 @@ def test_bad_generation_requests_are_refused():
 
 def test_default_config_is_mha():
     assert ModelConfig(n_heads=4).n_kv_heads == 4
+
+
+def test_logits_to_keep_returns_the_last_positions_of_the_full_forward():
+    model = tiny_model(seed=11)
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx)
+        assert torch.allclose(model(idx, logits_to_keep=1), full[:, -1:], atol=1e-6)
+        assert torch.allclose(model(idx, logits_to_keep=3), full[:, -3:], atol=1e-6)
+        assert model(idx, logits_to_keep=0).shape == (2, 9, 256)
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            model(idx, logits_to_keep=bad)
+
+
+def test_generated_ids_can_be_trained_on():
+    model = tiny_model(seed=12)
+    prompt = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(5))
+    ids = generate(model, prompt, 12, temperature=1.0, seed=0)
+    assert not ids.is_inference()
+    before = model.lm_head.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(model.lm_head.weight, before)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_rope_tables_stay_fp32_through_a_cast_round_trip(cast):
+    model = tiny_model(seed=13)
+    exact_cos, exact_sin = model.rope_cos.clone(), model.rope_sin.clone()
+    low = getattr(model, cast)()
+    assert low.rope_cos.dtype == torch.float32 and low.norm.weight.dtype != torch.float32
+    back = low.float()
+    assert torch.equal(back.rope_cos, exact_cos) and torch.equal(back.rope_sin, exact_sin)
+
+
+def test_bf16_cached_decoding_agrees_with_uncached():
+    model = tiny_model(seed=14, max_seq_len=128)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # sharp logits, as a trained model has, so argmax is stable
+    model = model.to(torch.bfloat16)
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(6))
+    cached = generate(model, prompt, 100)
+    assert torch.equal(cached, generate(model, prompt, 100, use_cache=False))
+    # teacher-forced: every cached step's logits against the full bf16 forward at that position
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        steps = [model(prompt, cache=cache)[:, -1]]
+        steps += [model(cached[:, i:i + 1], cache=cache)[:, -1] for i in range(8, 107)]
+        full = model(cached[:, :107])[:, 7:].float()
+    step_logits = torch.stack(steps, dim=1).float()
+    assert ((step_logits - full).abs().max() / full.std()) < 0.05

@@ -116,3 +116,64 @@ def test_hf_conversion_keeps_the_device():
     model = tiny_model().cuda()
     hf = to_hf(model)
     assert hf.device.type == "cuda" and from_hf(hf).embed_tokens.weight.is_cuda
+
+
+def test_measurements_default_to_the_profiles_device(monkeypatch):
+    # A CUDA machine at `smoke` runs its models on the CPU, so that is what must be measured.
+    monkeypatch.setenv("LABS_PROFILE", "smoke")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("measured CUDA although the profile runs on the CPU")
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated",
+                 "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    assert runtime.device().type == "cpu"
+    assert measure.peak_memory_bytes(lambda: torch.ones(10_000_000).sum(), device="cpu") >= 0
+    assert measure.peak_memory_bytes(lambda: torch.ones(10_000_000).sum()) >= 0
+    created = []
+    real_randn, real_ones = torch.randn, torch.ones
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: created.append(k["device"])
+                        or real_randn(*a, **{**k, "device": "cpu"}))
+    monkeypatch.setattr(torch, "ones", lambda *a, **k: created.append(k.get("device"))
+                        or real_ones(*a, **{**k, "device": "cpu"}))
+    monkeypatch.setattr(measure, "_sync", lambda dev=None: None)
+    measure.matmul_flops_per_s(n=64, repeats=1)
+    measure.memory_bandwidth_bytes_per_s(nbytes=2**16, repeats=1)
+    assert [torch.device(d).type for d in created] == ["cpu", "cpu", "cpu"]
+
+
+def test_zero_dim_tensors_can_be_cached(tmp_path):
+    tensors = {"step": torch.tensor(7), "loss": torch.tensor(2.5), "empty": torch.zeros(0)}
+    runtime.save_tensors(tmp_path / "s.safetensors", tensors, {})
+    loaded, _ = runtime.load_tensors(tmp_path / "s.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_read_error_is_raised_and_the_cache_kept(tmp_path, monkeypatch):
+    path = tmp_path / "t.safetensors"
+    runtime.cached_tensors(path, lambda: ({"x": torch.arange(3)}, {}))
+    good = path.read_bytes()
+    real_read = type(path).read_bytes
+
+    def failing_read(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(type(path), "read_bytes", failing_read)
+    with pytest.raises(PermissionError):
+        runtime.cached_tensors(path, lambda: pytest.fail("rebuilt a cache it could not read"))
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+
+
+def test_cached_json_gives_the_same_types_cold_and_warm(tmp_path):
+    record = {"sizes": (1, 2), 3: "three", "loss": 1.5}
+    cold, built = runtime.cached_json(tmp_path / "r.json", lambda: record)
+    warm, built_again = runtime.cached_json(tmp_path / "r.json", lambda: record)
+    assert built and not built_again
+    assert cold == warm == {"sizes": [1, 2], "3": "three", "loss": 1.5}
+    (tmp_path / "r.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        again, rebuilt = runtime.cached_json(tmp_path / "r.json", lambda: record)
+    assert rebuilt and again == cold

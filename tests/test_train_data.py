@@ -41,6 +41,26 @@ def test_token_cache_is_rebuilt_when_corrupted():
     assert torch.equal(ids, again)
 
 
+def test_corrupt_tokenizer_is_reported_and_rebuilt():
+    tok = data.tokenizer(VOCAB)
+    [path] = (cache_dir() / "data").glob(f"bpe-v{VOCAB}-*.json")
+    path.write_text(path.read_text()[:1000])  # a truncated JSON file
+    with pytest.warns(UserWarning, match="rebuilding tokenizer.*unreadable"):
+        again = data.tokenizer(VOCAB)
+    assert again.to_str() == tok.to_str()
+
+
+def test_token_and_zoo_keys_include_the_tokenizer_hash(monkeypatch):
+    from labsupport import zoo
+
+    data.tokens("val", VOCAB)
+    fingerprint = data.tokenizer_fingerprint(VOCAB)
+    assert list((cache_dir() / "data").glob(f"tokens-val-v{VOCAB}-*-{fingerprint}.safetensors"))
+    key = zoo.spec("small").key()
+    monkeypatch.setattr(data, "tokenizer_fingerprint", lambda vocab_size=4096: "another")
+    assert zoo.spec("small").key() != key
+
+
 def test_get_batch_targets_are_inputs_shifted_by_one():
     stream = torch.arange(1000)
     x, y = data.get_batch(stream, 4, 16, torch.Generator().manual_seed(0))
