@@ -42,6 +42,27 @@ def test_first_code_cell_installs_labsupport_only_when_missing(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_makes_a_clone_importable_without_a_restart(nb, monkeypatch):
+    # A kernel started before `pip install -e` never reads the new path file: the cell itself
+    # must put the clone on sys.path. Run it as if labsupport were missing.
+    import importlib.util
+    import subprocess
+    import sys
+
+    first = next(c for c in cells(nb) if c["cell_type"] == "code")
+    calls = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "labsupport" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(ROOT / "notebooks")
+    exec("".join(first["source"]), {})
+    assert calls and calls[0][-2:] == ["-e", str(ROOT)]
+    assert sys.path[0] == str(ROOT)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_has_the_arc_of_a_lab(nb):
     text = "".join("".join(c["source"]) for c in cells(nb))
     for part in ("**Objectives.**", "## The claim", "## Claim check", "## Exercises",
