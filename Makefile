@@ -5,11 +5,28 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: book test lint unit notebooks book-check clean
+# PyTorch's default Linux wheel bundles CUDA (2.7 GB of downloads for torch 2.13). On a Linux
+# machine without an NVIDIA GPU, take the CPU-only build (0.2 GB) from PyTorch's own index, and
+# fall back to the default index where that one cannot be reached.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+# $(call install_torch,VENV_BIN,REQUIREMENT)
+define install_torch
+	if [ "$$(uname -s)" = Linux ] && [ ! -e /proc/driver/nvidia ] && \
+	   ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(1)/python -m pip install --quiet --timeout 30 --retries 1 \
+	    --index-url $(TORCH_CPU_INDEX) "$(2)" || { \
+	  echo "PyTorch's CPU index could not be reached: installing $(2) from the default index"; \
+	  $(1)/python -m pip install --quiet "$(2)"; }; \
+	fi
+endef
+
+.PHONY: book test test-min lint unit notebooks book-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(call install_torch,$(BIN),$(TORCH_PIN))
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
@@ -48,6 +65,23 @@ book-check: $(STAMP)
 	mkdir -p $(LABS_CACHE)
 	rm -rf _build/test/_build
 	$(BIN)/jupyter-book build . --path-output _build/test -W -n --keep-going
+
+# The unit tests against the oldest releases pyproject.toml admits: every `>=` floor installed
+# exactly (tools/floors.py), in a second venv, so that the floors are tested, not guessed.
+MIN_VENV := _build/venv-min
+test-min:
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	mkdir -p _build
+	$(MIN_VENV)/bin/python tools/floors.py pyproject.toml > _build/floors.txt
+	$(call install_torch,$(MIN_VENV)/bin,$$(grep -E '^torch==' _build/floors.txt))
+	$(MIN_VENV)/bin/python -m pip install --quiet -r _build/floors.txt \
+	  $$(grep -E '^pytest==' requirements.txt) -e .
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pip list --format=freeze | \
+	  grep -iE '^(torch|transformers|tokenizers|safetensors|pandas|numpy)=='
+	$(MIN_VENV)/bin/pytest tests -p no:cacheprovider -q
 
 clean:
 	rm -rf _build

@@ -100,10 +100,14 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 def _state_tensors(values) -> list[torch.Tensor]:
-    """The tensors in state-dict values, looking inside the tuples torch.ao's packed layers hold."""
+    """The tensors in state-dict values, looking inside the tuples torch.ao's packed layers hold
+    and inside tensor subclasses (torchao's quantized weights hold their codes and scales)."""
     found = []
     for v in values:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and hasattr(type(v), "__tensor_flatten__"):
+            names, _ = v.__tensor_flatten__()
+            found.extend(_state_tensors(getattr(v, name) for name in names))
+        elif isinstance(v, torch.Tensor):
             found.append(v)
         elif isinstance(v, (tuple, list)):
             found.extend(_state_tensors(v))

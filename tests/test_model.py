@@ -36,7 +36,7 @@ def test_from_hf_takes_a_foreign_checkpoint_as_it_comes():
     cfg = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96,
                       num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                       max_position_embeddings=80, rms_norm_eps=1e-6,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                      rope_theta=500000.0,  # transformers 5 files it under rope_parameters
                       tie_word_embeddings=True)
     hf = LlamaForCausalLM(cfg).eval()
     ours = from_hf(hf)

@@ -273,3 +273,50 @@ def test_activation_quantization_alone_is_nearly_lossless_without_outliers():
             out = quant.quantize_activations(model, granularity, weight_bits=None)(idx)
             rel = ((out - ref).norm() / ref.norm()).item()
             assert rel < 0.02, f"{granularity}: int8 activations moved logits by {rel:.3f}"
+
+
+def test_kernel_available_answers_for_the_formats_the_kernels_take():
+    assert quant.kernel_available(8, None, "cpu") and quant.kernel_available(4, 128, "cpu")
+    for bits, group_size in ((3, 128), (4, 48), (4, None), (8, 32), (2, 32)):
+        assert not quant.kernel_available(bits, group_size, "cpu"), (bits, group_size)
+
+
+def test_kernel_available_is_false_where_the_kernel_fails(monkeypatch):
+    quant.kernels._probe.cache_clear()
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", no_kernel)
+    try:
+        assert not quant.kernel_available(8, None, "cpu")
+        assert quant.kernel_available(4, 32, "cpu")
+    finally:
+        quant.kernels._probe.cache_clear()
+
+
+def test_torchao_is_used_only_where_it_has_the_fast_kernel():
+    assert quant.torchao_config("w8a8", "cpu") is None
+    assert quant.torchao_config("int4", "cpu") is None
+    with pytest.raises(ValueError, match="torchao has no fast 'w8a8' kernel on cpu"):
+        quant.torchao_quantized(tiny_model(), "w8a8")
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quant.torchao_config("int3", "cuda")
+
+
+def test_torchao_w8a8_computes_what_the_float_model_computes():
+    pytest.importorskip("torchao")
+    from labsupport.quant.kernels import _apply_torchao, _torchao_config
+
+    model = tiny_model(seed=3)
+    fast = _apply_torchao(model, _torchao_config("w8a8", 128), skip=("embed_tokens",))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = model(idx), fast(idx).float()
+    assert type(fast.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert type(fast.embed_tokens.weight).__name__ == "Parameter"  # skipped
+    assert (out - ref).norm() / ref.norm() < 0.05
+    # its bytes are the int8 codes and scales, not the logical bf16 shape
+    linear_weights = sum(m.weight.numel() for m in model.modules()
+                         if isinstance(m, torch.nn.Linear))
+    embedding = measure.tensor_bytes(fast.embed_tokens.weight)
+    norms = sum(measure.tensor_bytes(p) for n, p in fast.named_parameters() if "norm" in n)
+    assert linear_weights <= measure.weight_bytes(fast) - embedding - norms < 1.1 * linear_weights
