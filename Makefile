@@ -10,10 +10,10 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # fall back to the default index where that one cannot be reached.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+HAS_NVIDIA := $(shell [ -e /proc/driver/nvidia ] || command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # $(call install_torch,VENV_BIN,REQUIREMENT)
 define install_torch
-	if [ "$$(uname -s)" = Linux ] && [ ! -e /proc/driver/nvidia ] && \
-	   ! command -v nvidia-smi >/dev/null 2>&1; then \
+	if [ "$$(uname -s)" = Linux ] && [ -z "$(HAS_NVIDIA)" ]; then \
 	  $(1)/python -m pip install --quiet --timeout 30 --retries 1 \
 	    --index-url $(TORCH_CPU_INDEX) "$(2)" || { \
 	  echo "PyTorch's CPU index could not be reached: installing $(2) from the default index"; \
@@ -23,11 +23,12 @@ endef
 
 .PHONY: book test test-min lint unit notebooks book-check clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-gpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(call install_torch,$(BIN),$(TORCH_PIN))
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	if [ -n "$(HAS_NVIDIA)" ]; then $(BIN)/python -m pip install --quiet -r requirements-gpu.txt; fi
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
