@@ -14,8 +14,10 @@ import torch.nn as nn
 
 from .formats import QuantizedTensor
 from .modules import QuantizedEmbedding, QuantizedLinear, _replace
+from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's int4 kernels take
+
 
 class Int8Linear(nn.Module):
     """Weight-only int8 Linear on `torch._weight_int8pack_mm`: bf16 activations x int8 codes.
@@ -96,11 +98,9 @@ def _probe(bits: int, group_size: int | None, device_type: str) -> bool:
     weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     kernel = Int8Linear if bits == 8 else Int4Linear
     try:
-        from .rtn import quantize_rtn
-
         layer = kernel(quantize_rtn(weight.to(device_type), bits, group_size))
         layer(torch.zeros(1, 256, device=device_type))
-    except (RuntimeError, NotImplementedError):  # no such kernel in this torch, on this device
+    except (RuntimeError, NotImplementedError, AttributeError):  # no such kernel here
         return False
     return True
 
