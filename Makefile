@@ -69,6 +69,8 @@ book-check: $(STAMP)
 
 # The unit tests against the oldest releases pyproject.toml admits: every `>=` floor installed
 # exactly (tools/floors.py), in a second venv, so that the floors are tested, not guessed.
+# Wheels only, so that a floor without a wheel for this Python fails clearly (all have one for
+# Python 3.11; some old floors have none for 3.12 and newer).
 MIN_VENV := _build/venv-min
 test-min:
 	rm -rf $(MIN_VENV)
@@ -77,8 +79,9 @@ test-min:
 	mkdir -p _build
 	$(MIN_VENV)/bin/python tools/floors.py pyproject.toml > _build/floors.txt
 	$(call install_torch,$(MIN_VENV)/bin,$$(grep -E '^torch==' _build/floors.txt))
-	$(MIN_VENV)/bin/python -m pip install --quiet -r _build/floors.txt \
-	  $$(grep -E '^pytest==' requirements.txt) -e .
+	$(MIN_VENV)/bin/python -m pip install --quiet --only-binary=:all: -r _build/floors.txt \
+	  $$(grep -E '^pytest==' requirements.txt)
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(MIN_VENV)/bin/python -m pip check
 	$(MIN_VENV)/bin/python -m pip list --format=freeze | \
 	  grep -iE '^(torch|transformers|tokenizers|safetensors|pandas|numpy)=='

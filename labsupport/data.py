@@ -9,6 +9,7 @@ lab 00; every lab that trains uses `tokens()` and `get_batch()`.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import sysconfig
 from functools import lru_cache
@@ -102,10 +103,10 @@ def _check_vocab_size(vocab_size: int) -> None:
 def _read_tokenizer(path: Path, vocab_size: int):
     from tokenizers import Tokenizer
 
-    text = path.read_text(encoding="utf-8", errors="strict")  # an OSError is raised as itself
+    blob = path.read_bytes()  # an OSError (permissions, a failing disk) is raised as itself
     try:
-        tok = Tokenizer.from_str(text)
-    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        tok = Tokenizer.from_str(blob.decode("utf-8"))
+    except Exception as e:  # bad UTF-8, or the bare Exception tokenizers raises on bad JSON
         raise CorruptCacheError(f"{path}: unreadable ({e})") from e
     if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOT) != 0:
         raise CorruptCacheError(f"{path}: vocabulary of {tok.get_vocab_size()} with "
@@ -123,12 +124,15 @@ def tokenizer(vocab_size: int = 4096):
 
 
 def tokenizer_fingerprint(vocab_size: int = 4096) -> str:
-    """A hash of the tokenizer itself (its vocabulary and merges), for cache keys.
+    """A hash of the tokenizer itself (vocabulary, merges, pre-tokenizer), for cache keys.
 
     Training the same corpus with another `tokenizers` release may give other merges; every
     cache built from token ids (token arrays, zoo models) includes this hash in its key.
     """
-    return stable_hash(tokenizer(vocab_size).to_str())
+    spec = json.loads(tokenizer(vocab_size).to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return stable_hash([spec["model"]["vocab"], merges, spec.get("pre_tokenizer"),
+                        spec.get("normalizer"), [t["content"] for t in spec["added_tokens"]]])
 
 
 def tokens(split: str = "train", vocab_size: int = 4096) -> torch.Tensor:

@@ -224,10 +224,10 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .half() / .to(bfloat16) would round the RoPE tables (cos/sin to ~2e-3 in fp16), and a
-        # cast back to fp32 could not undo it; the tables follow the model's device only.
-        cos, sin = self.rope_cos, self.rope_sin
+        # cast back to fp32 could not undo it: rebuild them in fp32 wherever the move put them.
         super()._apply(fn, recurse)
-        dev = self.norm.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        dev = self.rope_cos.device
         self.rope_cos, self.rope_sin = cos.to(dev), sin.to(dev)
         return self
 

@@ -41,10 +41,12 @@ def test_token_cache_is_rebuilt_when_corrupted():
     assert torch.equal(ids, again)
 
 
-def test_corrupt_tokenizer_is_reported_and_rebuilt():
+@pytest.mark.parametrize("damage", [lambda raw: raw[:1000],  # a truncated JSON file
+                                    lambda raw: raw[:50] + b"\xff\xfe" + raw[52:]])  # bad UTF-8
+def test_corrupt_tokenizer_is_reported_and_rebuilt(damage):
     tok = data.tokenizer(VOCAB)
     [path] = (cache_dir() / "data").glob(f"bpe-v{VOCAB}-*.json")
-    path.write_text(path.read_text()[:1000])  # a truncated JSON file
+    path.write_bytes(damage(path.read_bytes()))
     with pytest.warns(UserWarning, match="rebuilding tokenizer.*unreadable"):
         again = data.tokenizer(VOCAB)
     assert again.to_str() == tok.to_str()

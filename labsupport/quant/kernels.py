@@ -137,9 +137,23 @@ def torchao_config(scheme: str, device: torch.device | str, group_size: int = 12
     """
     if scheme not in TORCHAO_SCHEMES:
         raise ValueError(f"scheme must be one of {TORCHAO_SCHEMES}, got {scheme!r}")
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or not _torchao_runs(scheme, group_size):
         return None
     return _torchao_config(scheme, group_size)
+
+
+@functools.cache
+def _torchao_runs(scheme: str, group_size: int) -> bool:
+    """Quantize and run a 256 x 256 bf16 layer on the GPU once (tinygemm needs sm80 or newer)."""
+    config = _torchao_config(scheme, group_size)
+    if config is None or not torch.cuda.is_available():
+        return False
+    try:
+        layer = _apply_torchao(nn.Sequential(nn.Linear(256, 256, bias=False)).cuda(), config, ())
+        layer(torch.zeros(1, 256, dtype=torch.bfloat16, device="cuda"))
+    except Exception:  # no kernel for this GPU or this torch; any failure means "not here"
+        return False
+    return True
 
 
 def _torchao_config(scheme: str, group_size: int):
