@@ -16,7 +16,9 @@ import pandas as pd
 
 from .runtime import atomic_path, cache_dir, machine
 
-VERDICTS = ("holds", "partly", "does not hold", "not testable here")
+# "reproduced (estimate)": the row redoes published arithmetic on published inputs, and it
+# agrees; nothing in it was measured here.
+VERDICTS = ("holds", "partly", "does not hold", "reproduced (estimate)", "not testable here")
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Claim:
     measured: str  # what this run measured or computed, with numbers
     verdict: str  # one of VERDICTS
     note: str = ""  # why the verdict, in a phrase
+    rule: str = ""  # what had to be measured for "holds", "partly" and "does not hold"
 
 
 class ClaimCheck:
@@ -38,15 +41,20 @@ class ClaimCheck:
         self.notebook = notebook
         self.rows: list[Claim] = []
 
-    def add(self, claim: str, source: str, measured: str, verdict: str, note: str = "") -> None:
-        """Add one row; `verdict` must be one of VERDICTS."""
+    def add(self, claim: str, source: str, measured: str, verdict: str, note: str = "", *,
+            rule: str) -> None:
+        """Add one row; `verdict` must be one of VERDICTS, and `rule` states the test behind it
+        (what had to be measured for each verdict), so a reader can check it."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-        self.rows.append(Claim(claim, source, measured, verdict, note))
+        if not rule or not rule.strip():
+            raise ValueError("rule must say what had to be measured for each verdict, "
+                             "e.g. 'holds if the ratio is >= 2 at every batch'")
+        self.rows.append(Claim(claim, source, measured, verdict, note, rule.strip()))
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(r) for r in self.rows],
-                            columns=["claim", "source", "measured", "verdict", "note"])
+                            columns=["claim", "source", "measured", "verdict", "rule", "note"])
 
     def save(self) -> Path:
         """Write the rows with profile, machine and time to cache_dir()/claims/<notebook>.json."""
@@ -59,10 +67,25 @@ class ClaimCheck:
         return path
 
     def show(self):
-        """Save the JSON and return the table styled for the notebook."""
+        """Save the JSON and return the table for the notebook: four columns at fixed widths
+        that wrap their text, so no cell hides behind a sideways scroll."""
         self.save()
         colours = {"holds": "#d8f0d8", "partly": "#fdf1c7", "does not hold": "#f8d4d4",
-                   "not testable here": "#e6e6e6"}
-        return (self.table().style.hide(axis="index")
-                .map(lambda v: f"background-color: {colours.get(v, '')}", subset=["verdict"])
-                .set_properties(**{"text-align": "left", "vertical-align": "top"}))
+                   "reproduced (estimate)": "#dde8f6", "not testable here": "#e6e6e6"}
+        shown = pd.DataFrame({
+            "claim (source)": [f"{r.claim} ({r.source})" for r in self.rows],
+            "measured in this run": [r.measured for r in self.rows],
+            "verdict": [r.verdict for r in self.rows],
+            "rule for the verdict; note": [f"{r.rule}" + (f". Note: {r.note}" if r.note else "")
+                                           for r in self.rows]})
+        widths = {"claim (source)": "24%", "measured in this run": "38%", "verdict": "9%",
+                  "rule for the verdict; note": "29%"}
+        styles = [{"selector": "", "props": "table-layout: fixed; width: 100%; "
+                   "font-size: 0.85em; border-collapse: collapse;"},
+                  {"selector": "td, th", "props": "white-space: normal; overflow-wrap: anywhere; "
+                   "text-align: left; vertical-align: top; padding: 4px 6px;"}]
+        styles += [{"selector": f"th.col_heading.col{i}", "props": f"width: {w};"}
+                   for i, w in enumerate(widths.values())]
+        return (shown.style.hide(axis="index").set_table_styles(styles)
+                .map(lambda v: f"background-color: {colours.get(v, '')}; font-weight: bold",
+                     subset=["verdict"]))

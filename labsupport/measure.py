@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import psutil
@@ -220,15 +221,99 @@ def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32,
     return 2 * n**3 / t.min_s
 
 
-def memory_bandwidth_bytes_per_s(nbytes: int = 2**29, device: str | None = None,
+def bandwidth_probe_bytes(device: torch.device | str | None = None, factor: int = 4) -> int:
+    """Bytes a bandwidth probe must read to measure DRAM rather than cache: `factor` times the
+    last-level cache of `device` (default `runtime.device()`), and at least 256 MiB on a CPU,
+    2 GiB on a GPU (where a smaller read is dominated by the kernel's launch)."""
+    dev = _device(device)
+    floor = 2**31 if dev.type == "cuda" else 2**28
+    llc = runtime.last_level_cache_bytes(dev) or 0
+    return max(floor, factor * llc)
+
+
+def memory_bandwidth_bytes_per_s(nbytes: int | None = None, device: str | None = None,
                                  repeats: int = 5) -> float:
     """Measured read bandwidth of `device` (default: `runtime.device()`): bytes of a large fp32
     tensor / time to sum it, best of repeats.
 
     Decoding one token reads every weight once, so this read rate is the roofline of
-    memory-bound generation (tokens/s <= bandwidth / bytes read per token).
+    memory-bound generation (tokens/s <= bandwidth / bytes read per token). The default size,
+    `bandwidth_probe_bytes`, is 4x the last-level cache, so the sum streams from DRAM; a
+    smaller `nbytes` is allowed (to measure a cache) but warns.
     """
     dev = _device(device)
+    llc = runtime.last_level_cache_bytes(dev) or 0
+    if nbytes is None:
+        nbytes = bandwidth_probe_bytes(dev)
+    elif nbytes < 4:
+        raise ValueError(f"nbytes must be at least 4 (one fp32 value), got {nbytes}")
+    elif nbytes < 4 * llc:
+        warnings.warn(f"nbytes={nbytes:,} is less than 4x the {llc:,}-byte last-level cache: "
+                      "the probe measures the cache, not DRAM", stacklevel=2)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     t = time_fn(lambda: x.sum(), warmup=1, repeats=repeats, device=dev)
     return tensor_bytes(x) / t.min_s
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_ghz() -> float | None:
+    """Nominal clock: cpufreq's maximum where the kernel exposes it, else /proc/cpuinfo's MHz."""
+    try:
+        return int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) / 1e3
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@dataclass
+class CpuPeak:
+    """A CPU's theoretical fp32 peak: cores x GHz x FLOPs per cycle per core."""
+
+    cores: int
+    ghz: float
+    isa: str  # the widest vector FMA instruction set the CPU reports
+    fp32_lanes: int  # fp32 values per vector register of that set
+    fma_units: int  # vector FMA pipes per core (assumed, see `cpu_peak_flops`)
+    flops_per_s: float
+
+    @property
+    def flops_per_cycle(self) -> int:
+        return 2 * self.fp32_lanes * self.fma_units  # an FMA is 2 FLOPs per lane
+
+
+def cpu_peak_flops(cores: int | None = None, fma_units: int = 2) -> CpuPeak | None:
+    """Theoretical fp32 peak of this CPU from what it reports, or None off Linux/x86.
+
+    cores: those torch computes on (default `torch.get_num_threads()`); clock: nominal (a
+    virtual machine reports its host's base clock; turbo can be higher); vector width from the
+    flags (avx512f: 16 fp32 lanes, avx2+fma: 8, sse: 4); `fma_units` FMA pipes per core, 2 on
+    Intel server cores since Haswell and AMD Zen 2-4 (check your CPU's documentation).
+    """
+    flags, ghz = _cpu_flags(), _cpu_ghz()
+    if not flags or not ghz:
+        return None
+    if "avx512f" in flags:
+        isa, lanes = "AVX-512 FMA", 16
+    elif "avx2" in flags and "fma" in flags:
+        isa, lanes = "AVX2 FMA", 8
+    else:
+        isa, lanes, fma_units = "SSE (no FMA)", 4, 1  # separate add and multiply: 2 FLOPs/lane
+    cores = cores or torch.get_num_threads()
+    peak = CpuPeak(cores, ghz, isa, lanes, fma_units, 0.0)
+    peak.flops_per_s = cores * ghz * 1e9 * peak.flops_per_cycle
+    return peak

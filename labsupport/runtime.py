@@ -52,6 +52,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_profile_device = device  # for functions whose `device` argument hides this one
+
+
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so that a run can be repeated."""
     random.seed(seed)
@@ -77,11 +80,72 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _parse_size(text: str) -> int:
+    """Bytes of a sysfs cache size such as '32768K' or '1M'."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def _cpu_last_level_cache() -> tuple[int, int] | None:
+    """(level, bytes) of the CPU's largest cache level as one core sees it, or None if unknown.
+
+    Linux reports it per core in sysfs; macOS through sysctl. A shared L3 counts once.
+    """
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = _parse_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if best is None or level > best[0]:
+            best = (level, size)
+    if best is None and platform.system() == "Darwin":
+        import subprocess
+        for level in (3, 2):
+            out = subprocess.run(["sysctl", "-n", f"hw.l{level}cachesize"], capture_output=True,
+                                 text=True).stdout.strip()
+            if out.isdigit() and int(out) > 0:
+                return level, int(out)
+    return best
+
+
+def last_level_cache_bytes(device: torch.device | str | None = None) -> int | None:
+    """Bytes of the last-level cache in front of `device`'s memory (default `device()`).
+
+    The CPU's largest cache (L3 on most servers) or a CUDA GPU's L2; None where the system does
+    not say. A bandwidth probe or a working set smaller than a few times this size is read from
+    cache, not from DRAM, and measures the cache.
+    """
+    dev = _profile_device() if device is None else torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).L2_cache_size)
+    found = _cpu_last_level_cache()
+    return found[1] if found else None
+
+
+def _cache_label(level_and_bytes: tuple[int, int] | None, name: str | None = None) -> str:
+    if level_and_bytes is None:
+        return "last-level cache unknown"
+    level, size = level_and_bytes
+    return f"{name or f'L{level}'} {size / 2**20:g} MiB"
+
+
 def machine() -> dict:
-    """Facts about this machine that a timing depends on: CPU, cores, threads, torch, GPU."""
+    """Facts about this machine that a timing depends on: CPU, caches, cores, threads, torch,
+    GPU."""
+    llc = _cpu_last_level_cache()
+    gpu_l2 = (torch.cuda.get_device_properties(0).L2_cache_size
+              if torch.cuda.is_available() else None)
     info = {
         "profile": profile(),
         "cpu": _cpu_name(),
+        "cpu_last_level_cache": _cache_label(llc),
+        "cpu_last_level_cache_bytes": llc[1] if llc else None,
+        "gpu_l2_cache_bytes": gpu_l2,
         "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -97,9 +161,11 @@ def machine() -> dict:
 def machine_line() -> str:
     """One line describing the machine, printed above every measurement."""
     m = machine()
-    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    gpu = (f", GPU {m['gpu']} (L2 {m['gpu_l2_cache_bytes'] / 2**20:g} MiB)" if m["gpu"]
+           else ", no GPU")
     return (
         f"profile={m['profile']} | {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+        f"{m['cpu_last_level_cache']}, "
         f"{m['torch_threads']} torch threads, {m['memory_gib']} GiB{gpu} | "
         f"device={m['device']} | Python {m['python']}, torch {m['torch']}"
     )

@@ -61,13 +61,24 @@ def test_every_hardware_row_has_a_source_and_sane_numbers():
 
 def test_claim_check_validates_verdicts_and_saves_json(private_cache):
     check = ClaimCheck("99_test")
-    check.add("KV caching avoids exponential growth", "source", "cubic fit", "does not hold")
+    rule = "does not hold if doubling n multiplies the time by at most 8.5"
+    check.add("KV caching avoids exponential growth", "source", "cubic fit", "does not hold",
+              "polynomial", rule=rule)
     with pytest.raises(ValueError, match="verdict must be one of"):
-        check.add("x", "y", "z", "mostly")
-    check.show()
+        check.add("x", "y", "z", "mostly", rule=rule)
+    with pytest.raises(ValueError, match="rule must say"):
+        check.add("x", "y", "z", "holds", rule="  ")
+    with pytest.raises(TypeError, match="rule"):
+        check.add("x", "y", "z", "holds")  # a verdict without its rule is not accepted
+    html = check.show().to_html()
     saved = json.loads((private_cache / "claims" / "99_test.json").read_text())
     assert saved["claims"][0]["verdict"] == "does not hold"
+    assert saved["claims"][0]["rule"] == rule
     assert saved["machine"]["profile"] in ("smoke", "cpu", "gpu")
+    assert saved["machine"]["cpu_last_level_cache"]
+    # the rendered table shows the rule and wraps its cells instead of scrolling sideways
+    assert rule in html and "rule for the verdict" in html
+    assert "table-layout: fixed" in html and "white-space: normal" in html
 
 
 def test_decode_roofline_takes_the_lower_roof():

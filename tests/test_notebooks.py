@@ -78,3 +78,14 @@ def test_every_citation_is_in_references_bib(page):
     for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text):
         for key in group.split(","):
             assert key.strip() in BIB_KEYS, f"{page.name} cites {key!r}, not in references.bib"
+
+
+GLOSSARY_TERMS = {line.strip() for line in (ROOT / "book" / "glossary.md").read_text().splitlines()
+                  if line and not line.startswith((" ", "#", "`"))}
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "book").glob("*.md")) + NOTEBOOKS,
+                         ids=lambda p: p.name)
+def test_every_glossary_term_used_is_defined(page):
+    for term in re.findall(r"\{term\}`([^`<]+)`", page.read_text()):
+        assert term.strip() in GLOSSARY_TERMS, f"{page.name} uses {{term}}`{term}`, not defined"

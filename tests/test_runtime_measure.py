@@ -71,8 +71,50 @@ def test_flops_per_token_is_2n_forward_and_6n_training_at_short_context():
 
 def test_machine_limits_are_measured_and_plausible():
     flops = measure.matmul_flops_per_s(n=512, repeats=3)
-    bandwidth = measure.memory_bandwidth_bytes_per_s(nbytes=2**26, repeats=3)
+    bandwidth = measure.memory_bandwidth_bytes_per_s(repeats=3)
     assert 1e8 < flops < 1e16 and 1e8 < bandwidth < 1e13
+
+
+def test_sysfs_cache_sizes_parse():
+    assert runtime._parse_size("32768K") == 32 * 2**20
+    assert runtime._parse_size("1M\n") == 2**20 and runtime._parse_size("512") == 512
+
+
+def test_bandwidth_probe_reads_four_times_the_last_level_cache(monkeypatch):
+    monkeypatch.setattr(runtime, "last_level_cache_bytes", lambda device=None: 480 * 2**20)
+    assert measure.bandwidth_probe_bytes("cpu") == 4 * 480 * 2**20
+    monkeypatch.setattr(runtime, "last_level_cache_bytes", lambda device=None: 2**20)
+    assert measure.bandwidth_probe_bytes("cpu") == 2**28  # never below 256 MiB on a CPU
+    monkeypatch.setattr(runtime, "last_level_cache_bytes", lambda device=None: 2**24)
+    sizes = []
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda n, **k: sizes.append(4 * n) or real_ones(8, **k))
+    measure.memory_bandwidth_bytes_per_s(repeats=1)
+    assert sizes == [2**28]
+    with pytest.warns(UserWarning, match="measures the cache"):
+        measure.memory_bandwidth_bytes_per_s(nbytes=2**20, repeats=1)
+    with pytest.raises(ValueError, match="nbytes"):
+        measure.memory_bandwidth_bytes_per_s(nbytes=2, repeats=1)
+
+
+def test_machine_line_names_the_last_level_cache(monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_last_level_cache", lambda: (3, 480 * 2**20))
+    assert "L3 480 MiB" in runtime.machine_line()
+    monkeypatch.setattr(runtime, "_cpu_last_level_cache", lambda: None)
+    assert "last-level cache unknown" in runtime.machine_line()
+
+
+@pytest.mark.parametrize("flags, lanes, per_cycle", [
+    ({"avx512f", "avx2", "fma"}, 16, 64), ({"avx2", "fma"}, 8, 32), ({"sse2"}, 4, 8)])
+def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle(monkeypatch, flags, lanes,
+                                                              per_cycle):
+    monkeypatch.setattr(measure, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(measure, "_cpu_ghz", lambda: 2.5)
+    peak = measure.cpu_peak_flops(cores=4)
+    assert peak.fp32_lanes == lanes and peak.flops_per_cycle == per_cycle
+    assert peak.flops_per_s == pytest.approx(4 * 2.5e9 * per_cycle)
+    monkeypatch.setattr(measure, "_cpu_flags", set)
+    assert measure.cpu_peak_flops() is None
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -138,7 +180,8 @@ def test_measurements_default_to_the_profiles_device(monkeypatch):
                         or real_ones(*a, **{**k, "device": "cpu"}))
     monkeypatch.setattr(measure, "_sync", lambda dev=None: None)
     measure.matmul_flops_per_s(n=64, repeats=1)
-    measure.memory_bandwidth_bytes_per_s(nbytes=2**16, repeats=1)
+    with pytest.warns(UserWarning, match="measures the cache"):
+        measure.memory_bandwidth_bytes_per_s(nbytes=2**16, repeats=1)
     assert [torch.device(d).type for d in created] == ["cpu", "cpu", "cpu"]
 
 

@@ -124,3 +124,53 @@ def test_fit_parametric_converges():
     assert scaling._objective(
         [np.log(refit.A), np.log(refit.B), np.log(refit.E), refit.alpha, refit.beta], *args
     )[0] >= scaling._objective(theta, *args)[0] * (1 - 1e-6)
+
+
+def test_refining_the_best_grid_starts_finds_the_full_grids_optimum():
+    N, D, L = synthetic(BESIROGLU_2024, n=20, noise=0.01, seed=5)
+    args = (np.log(N), np.log(D), np.log(L), 1e-3)
+
+    def objective(f):
+        return scaling._objective([np.log(f.A), np.log(f.B), np.log(f.E), f.alpha, f.beta],
+                                  *args)[0]
+
+    quick, full = scaling.fit_parametric(N, D, L), scaling.fit_parametric(N, D, L, refine=192)
+    assert objective(quick) <= objective(full) * (1 + 1e-6)
+    assert quick.a == pytest.approx(full.a, abs=1e-3)
+    with pytest.raises(ValueError, match="refine"):
+        scaling.fit_parametric(N, D, L, refine=0)
+
+
+def test_pooled_seed_std_pools_only_repeated_runs():
+    groups = ["a", "a", "b", "b", "c"]
+    losses = [1.0, 1.2, 2.0, 2.0, 9.0]  # 'c' has one seed: no information about noise
+    std, dof = scaling.pooled_seed_std(groups, losses)
+    assert dof == 2 and std == pytest.approx(np.sqrt(0.02 / 2))
+    with pytest.raises(ValueError, match="two or more seeds"):
+        scaling.pooled_seed_std(["a", "b"], [1.0, 2.0])
+
+
+def test_noise_bootstrap_spreads_by_sigma_and_keeps_every_point():
+    losses = np.linspace(3.0, 4.0, 12)
+    means = scaling.noise_bootstrap(np.mean, losses, sigma=0.1, n_boot=400)
+    assert len(means) == 400
+    assert np.std(means) == pytest.approx(0.1 / np.sqrt(12), rel=0.15)
+    sizes = scaling.noise_bootstrap(len, losses, sigma=0.1, n_boot=5)
+    assert set(sizes) == {12}
+    assert np.all(scaling.noise_bootstrap(np.mean, losses, 0.0, n_boot=3) == np.mean(losses))
+    with pytest.raises(ValueError, match="sigma"):
+        scaling.noise_bootstrap(np.mean, losses, sigma=-1.0)
+
+
+def test_run_all_matches_run_in_parallel_and_reads_the_cache():
+    cfg = scaling.ladder_config(16, 1, vocab_size=512, max_seq_len=32)
+    specs = [scaling.RunSpec(cfg, tokens=3 * 8 * 32, batch_size=8, seq_len=32, seed=s)
+             for s in range(3)]
+    results = scaling.run_all(specs, workers=2, progress=False)
+    assert [r["cached"] for r in results] == [False] * 3
+    assert len({r["val_loss"] for r in results}) == 3  # the seeds differ
+    again = scaling.run_all(specs, workers=2, progress=False)
+    assert all(r["cached"] for r in again)
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in results]
+    with pytest.raises(ValueError, match="workers"):
+        scaling.run_all(specs, workers=0)
