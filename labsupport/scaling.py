@@ -339,7 +339,8 @@ def run_all(specs: list[RunSpec], workers: int | None = None, progress: bool = T
     Runs this small are bound by per-operation overhead, not arithmetic: one thread trains
     them about as fast as two, so `workers` processes of one thread each (default: one per
     core on a CPU, a single process on a GPU) finish the grid up to `workers` times sooner.
-    Each run's `seconds` is then one core's wall time.
+    Each run's `seconds` is then one core's wall time. Workers are spawned, not forked, so a
+    script (not a notebook) that calls this must do so under `if __name__ == "__main__":`.
     """
     if workers is None:
         cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
