@@ -78,11 +78,11 @@ class ClaimCheck:
             "verdict": [r.verdict for r in self.rows],
             "rule for the verdict; note": [f"{r.rule}" + (f". Note: {r.note}" if r.note else "")
                                            for r in self.rows]})
-        widths = {"claim (source)": "24%", "measured in this run": "38%", "verdict": "9%",
-                  "rule for the verdict; note": "29%"}
+        widths = {"claim (source)": "22%", "measured in this run": "35%", "verdict": "13%",
+                  "rule for the verdict; note": "30%"}
         styles = [{"selector": "", "props": "table-layout: fixed; width: 100%; "
                    "font-size: 0.85em; border-collapse: collapse;"},
-                  {"selector": "td, th", "props": "white-space: normal; overflow-wrap: anywhere; "
+                  {"selector": "td, th", "props": "white-space: normal; overflow-wrap: break-word; "
                    "text-align: left; vertical-align: top; padding: 4px 6px;"}]
         styles += [{"selector": f"th.col_heading.col{i}", "props": f"width: {w};"}
                    for i, w in enumerate(widths.values())]

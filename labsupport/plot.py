@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import numpy as np
 
 COLORS = ["#1b6ca8", "#e07b39", "#3a9e5f", "#c0392b", "#7d5ba6", "#8c6d31", "#5f6b73"]
 
@@ -36,3 +37,29 @@ def log_axes(ax: plt.Axes, x: bool = True, y: bool = False) -> None:
             axis.set_major_locator(mpl.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(mpl.ticker.EngFormatter(sep=""))
             axis.set_minor_formatter(mpl.ticker.NullFormatter())
+
+
+def roofline(ax: plt.Axes, peak_flops: float, bandwidths: dict[str, float],
+             intensity=(0.2, 3e4), theoretical_flops: float | None = None,
+             theoretical_label: str = "theoretical peak") -> float:
+    """Draw a log-log roofline in GFLOP/s: min(peak, intensity x bandwidth) for each
+    bandwidth (the first solid, the others dashed), and mark the first one's ridge point.
+
+    `bandwidths` maps a label to bytes/s. Returns the ridge point in FLOPs per byte, so the
+    caller can place its measured points against it.
+    """
+    if peak_flops <= 0 or not bandwidths or min(bandwidths.values()) <= 0:
+        raise ValueError("roofline needs peak_flops > 0 and at least one bandwidth > 0")
+    x = np.geomspace(*intensity, 300)
+    for i, (label, bw) in enumerate(bandwidths.items()):
+        ax.plot(x, np.minimum(peak_flops, x * bw) / 1e9, color="k", lw=1.5 if i == 0 else 1,
+                ls="-" if i == 0 else "--", label=label)
+    if theoretical_flops:
+        ax.axhline(theoretical_flops / 1e9, color="grey", ls=":", lw=1, label=theoretical_label)
+    ridge = peak_flops / next(iter(bandwidths.values()))
+    ax.axvline(ridge, color="grey", lw=0.8)
+    ax.annotate(f"ridge {ridge:.1f} FLOPs/B", (ridge, peak_flops / 1e9 / 30), rotation=90,
+                ha="right", va="bottom", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per byte)",
+           ylabel="GFLOP/s")
+    return ridge

@@ -220,3 +220,22 @@ def test_cached_json_gives_the_same_types_cold_and_warm(tmp_path):
     with pytest.warns(UserWarning, match="rebuilding"):
         again, rebuilt = runtime.cached_json(tmp_path / "r.json", lambda: record)
     assert rebuilt and again == cold
+
+
+def test_roofline_draws_the_lower_roof_and_returns_the_ridge():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labsupport.plot import roofline
+
+    fig, ax = plt.subplots()
+    ridge = roofline(ax, 100e9, {"DRAM": 20e9, "cache": 80e9}, intensity=(0.1, 1e3))
+    assert ridge == pytest.approx(5.0)
+    dram, cache = ax.lines[:2]
+    x, y = dram.get_data()
+    assert y.max() == pytest.approx(100) and y[0] == pytest.approx(0.1 * 20)  # GFLOP/s
+    assert cache.get_data()[1][0] == pytest.approx(0.1 * 80) and cache.get_linestyle() == "--"
+    with pytest.raises(ValueError, match="bandwidth"):
+        roofline(ax, 100e9, {})
+    plt.close(fig)
