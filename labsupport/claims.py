@@ -78,7 +78,7 @@ class ClaimCheck:
             "verdict": [r.verdict for r in self.rows],
             "rule for the verdict; note": [f"{r.rule}" + (f". Note: {r.note}" if r.note else "")
                                            for r in self.rows]})
-        widths = {"claim (source)": "22%", "measured in this run": "35%", "verdict": "13%",
+        widths = {"claim (source)": "21%", "measured in this run": "33%", "verdict": "16%",
                   "rule for the verdict; note": "30%"}
         styles = [{"selector": "", "props": "table-layout: fixed; width: 100%; "
                    "font-size: 0.85em; border-collapse: collapse;"},
