@@ -203,21 +203,23 @@ def bootstrap(fn, n_points: int, n_boot: int = 200, seed: int = 0, groups=None) 
     return np.array(values)
 
 
-def noise_bootstrap(fn, losses, sigma: float, n_boot: int = 200, seed: int = 0) -> np.ndarray:
+def noise_bootstrap(fn, losses, sigma, n_boot: int = 200, seed: int = 0) -> np.ndarray:
     """Values of fn(perturbed losses) with Gaussian noise of std `sigma` added to every loss.
 
     A parametric bootstrap for seed noise: `sigma` is the spread between seeds of the same
-    run, so each resample is a plausible rerun of the whole grid with other seeds. Unlike
-    resampling runs, it keeps every size in every profile.
+    run (one number, or one per loss: a mean over k seeds has sigma / sqrt(k)), so each
+    resample is a plausible rerun of the whole grid with other seeds. Unlike resampling runs,
+    it keeps every size in every profile.
     """
     losses = np.asarray(losses, dtype=float)
-    if sigma < 0 or not np.isfinite(sigma):
-        raise ValueError(f"sigma must be a finite standard deviation >= 0, got {sigma}")
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), losses.shape)
+    if np.any(sigma < 0) or not np.all(np.isfinite(sigma)):
+        raise ValueError(f"sigma must be finite standard deviations >= 0, got {sigma}")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
         try:
-            values.append(fn(losses + rng.normal(0.0, sigma, size=losses.shape)))
+            values.append(fn(losses + rng.normal(0.0, 1.0, size=losses.shape) * sigma))
         except (ValueError, np.linalg.LinAlgError):
             continue
     return np.array(values)

@@ -160,6 +160,10 @@ def test_noise_bootstrap_spreads_by_sigma_and_keeps_every_point():
     assert np.all(scaling.noise_bootstrap(np.mean, losses, 0.0, n_boot=3) == np.mean(losses))
     with pytest.raises(ValueError, match="sigma"):
         scaling.noise_bootstrap(np.mean, losses, sigma=-1.0)
+    # one sigma per loss: only the noisy half moves
+    per_point = np.r_[np.zeros(6), np.full(6, 0.1)]
+    firsts = scaling.noise_bootstrap(lambda v: v[:6].sum(), losses, per_point, n_boot=20)
+    assert np.allclose(firsts, losses[:6].sum())
 
 
 def test_run_all_matches_run_in_parallel_and_reads_the_cache():
