@@ -145,3 +145,23 @@ def test_gqa_config_from_a_grouped_base():
     mqa = gqa.gqa_config(base, 1)
     assert mqa.n_kv_heads == 1 and abs(mqa.num_params() / base.num_params() - 1) < 0.01
     assert gqa.gqa_config(base, 2, match_params=False).d_ff == base.d_ff
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_gqa_equals_mha_with_each_kv_head_repeated(n_kv_heads):
+    """Grouped-query attention is multi-head attention whose K/V heads are shared by a group:
+    repeating each K/V head `group` times in an MHA model must give the same logits and the
+    same cached generation."""
+    grouped = Transformer(tiny_config(n_kv_heads=n_kv_heads)).eval()
+    cfg, group = grouped.cfg, grouped.cfg.n_heads // n_kv_heads
+    mha = Transformer(tiny_config(n_kv_heads=cfg.n_heads)).eval()
+    state = grouped.state_dict()
+    for name, w in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            heads = w.view(n_kv_heads, cfg.head_dim, cfg.d_model)
+            state[name] = heads.repeat_interleave(group, dim=0).reshape(-1, cfg.d_model)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (mha(idx) - grouped(idx)).abs().max().item() < 1e-5
+    assert torch.equal(generate(mha, idx[:, :8], 12), generate(grouped, idx[:, :8], 12))
