@@ -127,11 +127,11 @@ def last_level_cache_bytes(device: torch.device | str | None = None) -> int | No
     return found[1] if found else None
 
 
-def _cache_label(level_and_bytes: tuple[int, int] | None, name: str | None = None) -> str:
+def _cache_label(level_and_bytes: tuple[int, int] | None) -> str:
     if level_and_bytes is None:
         return "last-level cache unknown"
     level, size = level_and_bytes
-    return f"{name or f'L{level}'} {size / 2**20:g} MiB"
+    return f"L{level} {size / 2**20:g} MiB"
 
 
 def machine() -> dict:

@@ -16,6 +16,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -321,10 +322,14 @@ def isoflop_specs(budgets, ratios, vocab_size: int = 512, seq_len: int = 128,
     return specs
 
 
+def _run_path(spec: RunSpec) -> Path:
+    return cache_dir() / "scaling" / f"run-{spec.key()}.json"
+
+
 def run(spec: RunSpec, progress: bool = False) -> dict:
     """Train one scaling run (or read its cached result): N (all parameters), N_nonemb, D,
     C = 6ND, val loss, wall time."""
-    path = cache_dir() / "scaling" / f"run-{spec.key()}.json"
+    path = _run_path(spec)
     result, built = cached_json(path, lambda: _train_run(spec, progress),
                                 desc=f"scaling run {spec.key()}")
     return result | {"cached": not built}
@@ -353,8 +358,7 @@ def run_all(specs: list[RunSpec], workers: int | None = None, progress: bool = T
     results: list[dict | None] = [None] * len(specs)
     todo = []
     for i, spec in enumerate(specs):
-        path = cache_dir() / "scaling" / f"run-{spec.key()}.json"
-        if path.exists():
+        if _run_path(spec).exists():
             results[i] = run(spec)  # reads it (and retrains a damaged file)
         else:
             todo.append(i)
