@@ -95,6 +95,27 @@ def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5,
     return {name: Timing(t) for name, t in times.items()}
 
 
+def count_ops(fn) -> dict[str, int]:
+    """How many times fn() calls each ATen operator; each call pays eager PyTorch's fixed cost.
+
+    Counted below autograd with a dispatch mode, so views and casts count too: each one is
+    a trip through the dispatcher even when it moves no data.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return counts
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     """Bytes held by the given tensors' elements."""
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,5 +1,6 @@
 """Quantization: RTN error bounds, exact storage, GPTQ against RTN, torch's int8, the kernels."""
 
+import copy
 import math
 import warnings
 
@@ -154,6 +155,38 @@ def test_gptq_model_keeps_skipped_layers_and_quantizes_the_rest():
     assert isinstance(q.layers[1].mlp.down_proj, quant.QuantizedLinear)
     assert isinstance(q.embed_tokens, quant.QuantizedEmbedding)
     assert measure.weight_bytes(q) < 0.5 * measure.weight_bytes(model)
+
+
+def test_skip_dtype_keeps_the_embedding_and_head_in_16_bits():
+    model = tiny_model(seed=5)
+    ends = ("embed_tokens", "lm_head")
+    q = quant.quantize_model(model, 4, 32, skip=ends, skip_dtype=torch.float16)
+    assert q.lm_head.weight.dtype == q.embed_tokens.weight.dtype == torch.float16
+    assert isinstance(q.layers[0].self_attn.q_proj, quant.QuantizedLinear)
+    # the same as quantizing the blocks of a model whose ends were rounded to float16
+    rounded = copy.deepcopy(model)
+    for m in (rounded.embed_tokens, rounded.lm_head):
+        m.weight.data = m.weight.data.half().float()
+    ref = quant.quantize_model(rounded, 4, 32, skip=ends)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(q(idx), ref(idx), rtol=1e-5, atol=1e-5)
+    # the saved file holds the ends in 2 bytes per weight instead of 4
+    end_weights = model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    saving = quant.saved_bytes(ref) - quant.saved_bytes(q)
+    assert abs(saving - 2 * end_weights) < 1024, saving
+    fast = quant.with_kernels(q)  # the 16-bit ends follow the kernels' compute dtype
+    assert fast.lm_head.weight.dtype == torch.bfloat16
+    assert generate(fast, idx[:, :4], 6).shape == (2, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"skip": ("lm_head",), "skip_dtype": torch.int8}, "skip_dtype"),
+    ({"skip": ("layers.0.mlp.nope",)}, "skip names no Linear"),
+])
+def test_quantize_model_refuses_bad_skips(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        quant.quantize_model(tiny_model(), 4, 32, **kwargs)
 
 
 @pytest.mark.parametrize("bits,group_size,kernel", [(8, None, quant.Int8Linear),

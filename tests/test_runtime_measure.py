@@ -239,3 +239,15 @@ def test_roofline_draws_the_lower_roof_and_returns_the_ridge():
     with pytest.raises(ValueError, match="bandwidth"):
         roofline(ax, 100e9, {})
     plt.close(fig)
+
+
+def test_count_ops_counts_every_operator_call():
+    x = torch.ones(4, 4)
+    counts = measure.count_ops(lambda: (x @ x).relu().sum())
+    assert counts["mm"] == 1 and counts["relu"] == 1 and counts["sum"] == 1
+    model = tiny_model(seed=0).eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        step = measure.count_ops(lambda: model(idx))
+    # one matmul per Linear: 7 per block and the head
+    assert step["mm"] + step.get("bmm", 0) + step.get("addmm", 0) >= 7 * model.cfg.n_layers + 1

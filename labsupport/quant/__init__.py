@@ -5,7 +5,8 @@ Introduced in lab 21 ("Quantization"). One module per step of the lesson:
 - `formats`: symmetric integer codes, float16 scales, bit-packing (`QuantizedTensor`);
 - `rtn`: round-to-nearest (`quantize_rtn`);
 - `gptq`: GPTQ with error compensation (`gptq`, `gptq_from_hessian`);
-- `modules`: quantized layers and whole models (`quantize_model`, `saved_bytes`);
+- `modules`: quantized layers and whole models (`quantize_model`, `saved_bytes`), and the
+  16-bit layers a quantized checkpoint keeps (`HalfLinear`, `HalfEmbedding`);
 - `kernels`: torch's integer kernels fed with our codes (`with_kernels`, `kernel_available`)
   and torchao's `quantize_` where it has the fast kernel (`torchao_quantized`);
 - `outliers`: activation quantization and outlier features (`fake_quantize`).
@@ -26,6 +27,8 @@ from .kernels import (
     with_kernels,
 )
 from .modules import (
+    HalfEmbedding,
+    HalfLinear,
     QuantizedEmbedding,
     QuantizedLinear,
     capture_inputs,
@@ -44,7 +47,8 @@ from .rtn import quantize_rtn
 __all__ = [
     "GRANULARITIES", "INT4_GROUP_SIZES", "SCALE_DTYPE", "SUPPORTED_BITS", "TORCHAO_SCHEMES",
     "ActQuantLinear",
-    "Int4Linear", "Int8Linear", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor",
+    "HalfEmbedding", "HalfLinear", "Int4Linear", "Int8Linear", "QuantizedEmbedding",
+    "QuantizedLinear", "QuantizedTensor",
     "add_outlier_features", "capture_inputs", "fake_quantize", "gptq", "gptq_from_hessian",
     "hessian", "kernel_available", "pack_codes", "qmax", "quantize_activations",
     "quantize_model", "quantize_rtn", "saved_bytes", "torchao_config", "torchao_quantized",

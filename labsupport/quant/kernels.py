@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .formats import QuantizedTensor
-from .modules import QuantizedEmbedding, QuantizedLinear, _replace
+from .modules import HalfEmbedding, HalfLinear, QuantizedEmbedding, QuantizedLinear, _replace
 from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's int4 kernels take
@@ -84,8 +84,10 @@ def with_kernels(qmodel: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
             if kernel is None:
                 raise ValueError(f"no integer kernel for {module.bits}-bit layer {name!r}")
             _replace(fast, name, kernel(module.qtensor))
-        elif isinstance(module, QuantizedEmbedding):
+        elif isinstance(module, (QuantizedEmbedding, HalfEmbedding)):
             module.compute_dtype = dtype
+        elif isinstance(module, HalfLinear):  # stored in 16 bits: store it in the kernels' dtype
+            module.weight = module.weight.to(dtype)
         elif not isinstance(module, (Int8Linear, Int4Linear)):
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(dtype)

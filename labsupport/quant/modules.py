@@ -51,6 +51,31 @@ class QuantizedEmbedding(QuantizedLinear):
         return (codes * scales).to(self.compute_dtype)
 
 
+class HalfLinear(nn.Module):
+    """A bias-free Linear stored in a 16-bit dtype that computes in its input's dtype.
+
+    Quantized checkpoints (GPTQ, AWQ) keep the output head this way, in 16 bits.
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        self.register_buffer("weight", weight.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class HalfEmbedding(HalfLinear):
+    """An embedding table stored in 16 bits; returns its rows in `compute_dtype`."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight[idx].to(self.compute_dtype)
+
+
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -62,16 +87,25 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
                    method: str = "rtn", calibration: torch.Tensor | None = None,
-                   damp: float = 0.01, skip: tuple[str, ...] = ()) -> nn.Module:
+                   damp: float = 0.01, skip: tuple[str, ...] = (),
+                   skip_dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of a course model with every Linear and the embedding table quantized.
 
     method "rtn" rounds each weight to the nearest grid point; "gptq" needs `calibration`, token
     ids (B, T) to collect each layer's inputs from. The embedding is a lookup, not a matmul, so
-    it is always rounded to nearest. Modules named in `skip` (e.g. "lm_head") keep their dtype.
+    it is always rounded to nearest. Modules named in `skip` (e.g. "lm_head") are not quantized:
+    they keep their dtype, or are stored in `skip_dtype` (float16 or bfloat16) if it is given,
+    as GPTQ and AWQ checkpoints keep the embedding and the head in 16 bits.
     """
     _check_bits(bits)
     if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    if skip_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"skip_dtype must be None, torch.float16 or torch.bfloat16, "
+                         f"got {skip_dtype}")
+    if unknown := set(skip) - {n for n, _ in _linears(model)} - {"embed_tokens"}:
+        raise ValueError(f"skip names no Linear of the model nor 'embed_tokens': "
+                         f"{sorted(unknown)}")
     if method == "gptq" and (calibration is None or calibration.dim() != 2):
         raise ValueError("method='gptq' needs calibration token ids of shape (batch, length)")
     if model.embed_tokens.weight is getattr(model.lm_head, "weight", None):
@@ -82,9 +116,13 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
     for name, linear in _linears(qmodel):
         if name not in skip:
             _replace(qmodel, name, QuantizedLinear(quantize_rtn(linear.weight, bits, group_size)))
+        elif skip_dtype is not None:
+            _replace(qmodel, name, HalfLinear(linear.weight, skip_dtype))
     if "embed_tokens" not in skip:
         qmodel.embed_tokens = QuantizedEmbedding(
             quantize_rtn(qmodel.embed_tokens.weight, bits, group_size))
+    elif skip_dtype is not None:
+        qmodel.embed_tokens = HalfEmbedding(qmodel.embed_tokens.weight, skip_dtype)
     return qmodel
 
 
