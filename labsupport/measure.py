@@ -6,6 +6,7 @@ and every roofline from `matmul_flops_per_s` and `memory_bandwidth_bytes_per_s`.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import threading
 import time
@@ -186,6 +187,38 @@ def peak_memory_bytes(fn, interval_s: float = 0.001,
         done.set()
         sampler.join()
     return max(0, max(peak, proc.memory_info().rss) - base)
+
+
+def generation_peak_memory(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                           device: torch.device | str | None = None) -> int:
+    """Peak extra memory of cached generation, in bytes, by a random-weight model of `cfg` (fp32).
+
+    On a GPU, the allocator's peak in this process. On the CPU, the resident memory sampled in
+    a new process: in a process that has freed memory before, the allocator hands that memory
+    out again without the resident size growing, and the peak would read as zero.
+    """
+    if batch < 1 or prompt_len < 1 or new_tokens < 1:
+        raise ValueError(f"batch, prompt_len and new_tokens must be >= 1, got {batch}, "
+                         f"{prompt_len}, {new_tokens}")
+    dev = _device(device)
+    if dev.type == "cuda":
+        return _generation_peak(cfg, batch, prompt_len, new_tokens, str(dev))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # spawn: fork + OpenMP can hang
+        return pool.apply(_generation_peak, (cfg, batch, prompt_len, new_tokens, "cpu",
+                                             torch.get_num_threads()))
+
+
+def _generation_peak(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                     device: str, threads: int | None = None) -> int:
+    from .model import Transformer, generate
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval().to(device)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+    generate(model, prompt[:1], 2)  # load the kernels' code before measuring
+    return peak_memory_bytes(lambda: generate(model, prompt, new_tokens), device=device)
 
 
 def flops_per_token(cfg: ModelConfig, context_len: int, training: bool = False,
