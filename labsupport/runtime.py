@@ -62,6 +62,13 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     """Folder for tokenizers, token arrays, zoo checkpoints and claim tables ($LABS_CACHE)."""
     root = os.environ.get("LABS_CACHE") or Path.home() / ".cache" / "llm-cost-course"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,7 +28,7 @@ with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to t
 
 from . import data
 from .model import ModelConfig, Transformer
-from .runtime import cache_dir, cached_json, device, stable_hash
+from .runtime import cache_dir, cached_json, device, stable_hash, usable_cores
 from .train import TrainConfig, evaluate_loss, train
 
 RECIPE_VERSION = 1  # bump when the training recipe of scaling runs changes
@@ -350,9 +349,7 @@ def run_all(specs: list[RunSpec], workers: int | None = None, progress: bool = T
     script (not a notebook) that calls this must do so under `if __name__ == "__main__":`.
     """
     if workers is None:
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
-        workers = 1 if device().type == "cuda" else min(cores, 8)
+        workers = 1 if device().type == "cuda" else min(usable_cores(), 8)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     results: list[dict | None] = [None] * len(specs)

@@ -10,15 +10,25 @@ Introduced in lab 00.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from . import data
 from .model import ModelConfig, Transformer
-from .runtime import cache_dir, cached_tensors, check_profile, device, profile, stable_hash
+from .runtime import (
+    cache_dir,
+    cached_tensors,
+    check_profile,
+    device,
+    profile,
+    stable_hash,
+    usable_cores,
+)
 from .train import TrainConfig, train
 
 RECIPE_VERSION = 1  # bump when the training code changes what a given config produces
@@ -78,8 +88,7 @@ def load(name: str, profile_name: str | None = None, progress: bool = True) -> T
 
 def load_spec(s: ZooSpec, label: str = "model", progress: bool = True) -> Transformer:
     """Load (or train, then save) the model described by a ZooSpec; see `load`."""
-    path = cache_dir() / "zoo" / f"{label}-{s.key()}.safetensors"
-
+    path = _spec_path(s, label)
     tensors, info = cached_tensors(path, lambda: _train_spec(s, label, progress),
                                    desc=f"zoo model {label!r}")
     if s.model.tie_embeddings:  # a tied head is stored once, as the embedding
@@ -88,6 +97,38 @@ def load_spec(s: ZooSpec, label: str = "model", progress: bool = True) -> Transf
     model.load_state_dict(tensors)
     model.zoo_info = {**info, "path": str(path)}
     return model.to(device()).eval()
+
+
+def _spec_path(s: ZooSpec, label: str):
+    return cache_dir() / "zoo" / f"{label}-{s.key()}.safetensors"
+
+
+def load_specs(specs: dict[str, ZooSpec], workers: int | None = None,
+               progress: bool = True) -> dict[str, Transformer]:
+    """`load_spec` for every (label, spec); the uncached ones train in parallel processes.
+
+    Course models this small train about as fast on one thread as on two, so on a CPU one
+    single-thread process per core trains several of them sooner than one after another (the
+    default; one process on a GPU). Spawned, not forked, as `scaling.run_all` explains.
+    """
+    if workers is None:
+        workers = 1 if device().type == "cuda" else min(usable_cores(), 8)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    todo = [label for label, s in specs.items() if not _spec_path(s, label).exists()]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(min(workers, len(todo)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_train_in_worker, specs[label], label, str(cache_dir()))
+                           for label in todo]:
+                future.result()
+    return {label: load_spec(s, label, progress) for label, s in specs.items()}
+
+
+def _train_in_worker(s: ZooSpec, label: str, cache: str) -> None:
+    os.environ["LABS_CACHE"] = cache  # the parent's cache, even if it was set after start-up
+    torch.set_num_threads(1)
+    load_spec(s, label, progress=False)
 
 
 def _train_spec(s: ZooSpec, label: str, progress: bool) -> tuple[dict, dict]:

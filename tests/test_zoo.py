@@ -1,6 +1,8 @@
 """The zoo: cached, keyed, locked, and rebuilt when damaged."""
 
+import dataclasses
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -87,3 +89,20 @@ def test_every_profile_has_a_valid_recipe(profile_name):
     assert s.model.vocab_size == s.vocab_size
     with pytest.raises(ValueError, match="unknown profile"):
         zoo.spec("small", "laptop")
+
+
+
+def test_load_specs_trains_the_missing_in_parallel_and_equals_load_spec():
+    specs = {f"parallel-{seed}": dataclasses.replace(
+        TINY, train=dataclasses.replace(TINY.train, seed=seed)) for seed in (0, 1)}
+    models = zoo.load_specs(specs, workers=2, progress=False)
+    assert all(m.zoo_info["trained_by_pid"] != os.getpid() for m in models.values())
+    for label, s in specs.items():  # a plain load reads the files the workers wrote
+        again = zoo.load_spec(s, label, progress=False)
+        assert again.zoo_info["trained_by_pid"] == models[label].zoo_info["trained_by_pid"]
+        for a, b in zip(models[label].parameters(), again.parameters(), strict=True):
+            assert torch.equal(a, b)
+    a, b = (m.lm_head.weight for m in models.values())
+    assert not torch.equal(a, b), "different seeds must give different models"
+    with pytest.raises(ValueError, match="workers"):
+        zoo.load_specs(specs, workers=0)
