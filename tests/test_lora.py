@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from labsupport import lora, quant
 from labsupport.model import to_hf
-from labsupport.train import lm_loss
+from labsupport.train import TrainConfig, lm_loss, train
 
 IDX = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -137,3 +137,16 @@ def test_applying_lora_twice_to_a_layer_is_refused():
         lora.apply_lora(model, r=4, alpha=8, targets=("v_proj",))
     with pytest.raises(ValueError, match="already carries"):
         lora.LoRALinear(model.layers[0].self_attn.q_proj, r=2, alpha=2)
+
+
+def test_the_course_training_loop_trains_only_the_adapters():
+    model = lora.apply_lora(tiny_model(seed=7), r=4, alpha=8)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    tokens = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=5, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=5,
+                      eval_batches=1)
+    train(model, tokens, tokens, cfg, progress=False)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"{name} changed but is frozen"
+    assert model.layers[0].self_attn.q_proj.lora_B.abs().max() > 0, "the adapters must train"
