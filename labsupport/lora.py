@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .model import ModelConfig
 from .quant import HalfLinear, QuantizedLinear
 from .runtime import load_tensors, save_tensors
 
@@ -114,6 +115,25 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets=("q_proj", "v_pro
         if isinstance(module, BASE_TYPES) and name.rpartition(".")[2] in targets:
             _replace(model, name, LoRALinear(module, r, alpha, dropout))
     return model
+
+
+def lora_param_count(cfg: ModelConfig, r: int, targets=("q_proj", "v_proj")) -> int:
+    """Adapter parameters `apply_lora(Transformer(cfg), r, ...)` adds: r (in + out) per layer.
+
+    Needs only the shape, so it prices adapters for models too large to build here (Llama-2-70B).
+    """
+    _check(r, 1.0, 0.0)
+    C, F, D = cfg.d_model, cfg.d_ff, cfg.head_dim
+    shapes = {"q_proj": (C, cfg.n_heads * D), "k_proj": (C, cfg.n_kv_heads * D),
+              "v_proj": (C, cfg.n_kv_heads * D), "o_proj": (cfg.n_heads * D, C),
+              "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C),
+              "lm_head": (C, cfg.vocab_size)}
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if unknown := [t for t in targets if t not in shapes]:
+        raise ValueError(f"targets {unknown} are not Linear layers of the course model; they "
+                         f"are named {sorted(shapes)}")
+    per_block = sum(r * sum(shapes[t]) for t in targets if t != "lm_head")
+    return cfg.n_layers * per_block + (r * sum(shapes["lm_head"]) if "lm_head" in targets else 0)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -150,3 +150,13 @@ def test_the_course_training_loop_trains_only_the_adapters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), f"{name} changed but is frozen"
     assert model.layers[0].self_attn.q_proj.lora_B.abs().max() > 0, "the adapters must train"
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("k_proj", "o_proj", "down_proj"),
+                                     ("gate_proj", "up_proj", "lm_head")])
+def test_the_adapter_count_from_the_shape_equals_the_built_adapters(targets):
+    model = tiny_model(n_kv_heads=2)  # GQA: k and v are narrower than q
+    built = sum(p.numel() for p in lora.lora_parameters(lora.apply_lora(model, 3, 6, targets)))
+    assert lora.lora_param_count(model.cfg, 3, targets) == built
+    with pytest.raises(ValueError, match="not Linear layers"):
+        lora.lora_param_count(model.cfg, 3, ("wq",))
