@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .model import ModelConfig
 from .quant import HalfLinear, QuantizedLinear
+from .quant.modules import _replace  # swap a named submodule
 from .runtime import load_tensors, save_tensors
 
 BASE_TYPES = (nn.Linear, QuantizedLinear, HalfLinear)  # layers an adapter can sit beside
@@ -82,11 +83,6 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
     if isinstance(base, QuantizedLinear):
         return base.qtensor.dequantize(torch.float32)
     return base.weight.detach().float()
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets=("q_proj", "v_proj"),
