@@ -188,6 +188,64 @@ MODEL_SOURCES = {
 }
 
 
+FINETUNE_METHODS = ("full", "lora", "qlora")
+# Mixed-precision AdamW, per trained parameter: bf16 weight and gradient (2 + 2), an fp32 master
+# copy (4) and fp32 first and second moments (4 + 4); Rajbhandari et al. 2020 (ZeRO) count the same.
+TRAINED_BYTES_PER_PARAM = 16.0
+# A frozen weight: bf16 (2 bytes), or QLoRA's 4-bit NF4 with double-quantized constants, 4.127
+# bits (Dettmers et al. 2023, section 3). Embedding and head stay in bf16 in both, as
+# bitsandbytes leaves every layer but the blocks' Linear layers unquantized.
+FROZEN_BYTES_PER_PARAM = {"lora": 2.0, "qlora": 4.127 / 8}
+
+
+def finetune_memory(cfg: ModelConfig, method: str, adapter_params: int = 0,
+                    batch: int = 1, seq_len: int = 2048) -> dict[str, float]:
+    """Bytes to fine-tune a model of shape `cfg` with AdamW, by kind: weights, states, activations.
+
+    method "full" trains every parameter; "lora" and "qlora" train `adapter_params` beside a
+    frozen base in bf16 or 4 bits. Activations assume full activation checkpointing (each
+    block's input kept, one block recomputed at a time) and a fused attention kernel: 2 bytes
+    per token per d_model per block, plus one block's ~34 bytes per token per d_model
+    (Korthikanti et al. 2022, their count without the attention-score term), plus the fp32
+    logits and their gradient (8 bytes per token per vocabulary entry). LoRA keeps the same
+    activations as full fine-tuning: every adapted layer still needs its input for A's
+    gradient. Leaves out the framework, the CUDA context and fragmentation.
+    """
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"method must be one of {FINETUNE_METHODS}, got {method!r}")
+    if method == "full" and adapter_params:
+        raise ValueError("adapter_params is for 'lora' and 'qlora'; 'full' trains every weight")
+    if method != "full" and not adapter_params > 0:
+        raise ValueError(f"method {method!r} needs adapter_params > 0, got {adapter_params!r}")
+    _positive(batch=batch, seq_len=seq_len)
+    n = cfg.num_params(non_embedding=False)
+    tokens = batch * seq_len
+    if method == "full":
+        weights = 2.0 * n
+        states = (TRAINED_BYTES_PER_PARAM - 2.0) * n  # gradient, master copy, moments
+    else:
+        blocks = cfg.num_params(non_embedding=True)
+        weights = blocks * FROZEN_BYTES_PER_PARAM[method] + (n - blocks) * 2.0
+        states = TRAINED_BYTES_PER_PARAM * adapter_params
+    activations = tokens * cfg.d_model * (2.0 * cfg.n_layers + 34.0) + 8.0 * tokens * cfg.vocab_size
+    return {"weights": weights, "gradients + optimizer": states, "activations": activations,
+            "total": weights + states + activations}
+
+
+def finetune_flops_per_token(n_params: float, method: str, checkpointing: bool = True) -> float:
+    """Training FLOPs per token: 6N for full fine-tuning, 4N with frozen weights, +2N to recompute.
+
+    A frozen weight still costs its forward product (2N) and the product that carries the
+    gradient back to its input (2N), but not the one for its own gradient (2N). Adapters add
+    a fraction of a percent, and QLoRA's dequantization costs time, not FLOPs.
+    """
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"method must be one of {FINETUNE_METHODS}, got {method!r}")
+    _positive(n_params=n_params)
+    per_token = (6.0 if method == "full" else 4.0) * n_params
+    return per_token + (2.0 * n_params if checkpointing else 0.0)
+
+
 def sequences_per_gpu(cfg: ModelConfig, context_len: int, gpu_bytes: float = 80e9,
                       weight_bytes_per_param: float = 2, kv_bytes_per_value: int = 2
                       ) -> tuple[int, int]:

@@ -156,6 +156,24 @@ def tokens(split: str = "train", vocab_size: int = 4096) -> torch.Tensor:
     return tensors["ids"].long()
 
 
+def split_by_file(ids: torch.Tensor,
+                  val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) of a token stream, cut at the file boundary nearest `val_fraction` from the end.
+
+    Cutting between files, not inside one, keeps any file out of both halves, as the corpus's
+    own train/val split does; the fine-tuning labs split the "new_domain" stream this way.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    ends = (ids == 0).nonzero().flatten() + 1  # the <|endoftext|> closing each file (id 0)
+    target = round(ids.numel() * (1 - val_fraction))
+    inner = ends[(ends > 0) & (ends < ids.numel())]
+    if inner.numel() == 0:
+        raise ValueError("ids hold a single file; there is no file boundary to split at")
+    cut = int(inner[(inner - target).abs().argmin()])
+    return ids[:cut], ids[cut:]
+
+
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: inputs x (B, T) and next-token targets y (B, T)."""

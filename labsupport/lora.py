@@ -80,9 +80,9 @@ class LoRALinear(nn.Module):
 
 def _base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight (out, in) in fp32, dequantized if it is stored quantized."""
-    if isinstance(base, QuantizedLinear):
-        return base.qtensor.dequantize(torch.float32)
-    return base.weight.detach().float()
+    if isinstance(base, nn.Linear):
+        return base.weight.detach().float()
+    return base.dense_weight(torch.float32)  # QuantizedLinear, HalfLinear
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets=("q_proj", "v_proj"),
@@ -140,6 +140,28 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' parameters (every A and B): what the optimizer of a LoRA run trains."""
     return [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+
+
+@torch.no_grad()
+def copy_adapters_to_peft(ours: nn.Module,
+                          theirs: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Copy our A and B into a PEFT model of the same base; return (ours, theirs) parameter pairs.
+
+    `theirs` is `peft.get_peft_model(to_hf(base), LoraConfig(...))` with the same r, alpha and
+    targets; PEFT keeps each adapter in `lora_A["default"]` and `lora_B["default"]` Linear layers,
+    under the Hugging Face module names (`base_model.model.model.layers.0.self_attn.q_proj`).
+    """
+    pairs = []
+    for name, layer in lora_layers(ours).items():
+        twin = theirs.get_submodule(f"base_model.model.model.{name}")
+        for mine, their in ((layer.lora_A, twin.lora_A["default"].weight),
+                            (layer.lora_B, twin.lora_B["default"].weight)):
+            if mine.shape != their.shape:
+                raise ValueError(f"{name}: our adapter has shape {tuple(mine.shape)}, PEFT's "
+                                 f"{tuple(their.shape)}; build PEFT's with the same r and targets")
+            their.copy_(mine)
+            pairs.append((mine, their))
+    return pairs
 
 
 @torch.no_grad()

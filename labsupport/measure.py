@@ -6,15 +6,21 @@ and every roofline from `matmul_flops_per_s` and `memory_bandwidth_bytes_per_s`.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import statistics
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
+from functools import partial
 
 import psutil
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import runtime
 from .model import ModelConfig
@@ -102,8 +108,6 @@ def count_ops(fn) -> dict[str, int]:
     Counted below autograd with a dispatch mode, so views and casts count too: each one is
     a trip through the dispatcher even when it moves no data.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     counts: dict[str, int] = {}
 
     class Counter(TorchDispatchMode):
@@ -187,6 +191,72 @@ def peak_memory_bytes(fn, interval_s: float = 0.001,
         done.set()
         sampler.join()
     return max(0, max(peak, proc.memory_info().rss) - base)
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Adds up the storages that operators create, and takes each off again when it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = WeakIdKeyDictionary()  # storage -> weakref whose callback subtracts it
+
+    def _free(self, nbytes: int, _ref) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            # an in-place op or a view returns memory that already existed
+            if storage.data_ptr() in inputs or storage in self._seen or storage.nbytes() == 0:
+                continue
+            self._seen[storage] = weakref.ref(storage, partial(self._free, storage.nbytes()))
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def tensor_peak_bytes(fn) -> tuple[int, int]:
+    """(peak, still held at the end): bytes of tensors that fn() creates and keeps alive at once.
+
+    Counts what PyTorch's operators allocate, forward and backward, on any device; memory that
+    existed before (weights, data) is not counted, nor is the allocator's own slack. On a CPU
+    this is steadier than the process's resident size, which the allocator keeps high after
+    frees; on a GPU it matches `torch.cuda.max_memory_allocated` up to the allocator's rounding.
+    """
+    tracker = _LiveTensorBytes()
+    with tracker:
+        fn()
+    return tracker.peak, tracker.live
+
+
+def saved_activation_bytes(fn, model: torch.nn.Module | None = None) -> tuple[int, object]:
+    """(bytes autograd keeps for the backward pass while fn() runs, fn's result).
+
+    Counts each distinct storage that autograd saves once, leaving out the model's own
+    parameters and buffers (they are memory anyway). What is saved depends on what trains:
+    a frozen layer whose input needs no gradient saves nothing.
+    """
+    owned = set()
+    if model is not None:
+        owned = {t.untyped_storage().data_ptr()
+                 for t in itertools.chain(model.parameters(), model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t  # keeping t alive also keeps its address from being reused during fn()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(saved.values()), result
 
 
 def generation_peak_memory(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,

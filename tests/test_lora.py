@@ -65,14 +65,8 @@ def test_peft_computes_the_same_logits_and_adapter_gradients():
     ours = _randomise_b(lora.apply_lora(copy.deepcopy(base), r=4, alpha=8))
     theirs = peft.get_peft_model(to_hf(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    pairs = []
-    for name, layer in lora.lora_layers(ours).items():
-        twin = theirs.get_submodule(f"base_model.model.model.{name}")
-        with torch.no_grad():
-            twin.lora_A["default"].weight.copy_(layer.lora_A)
-            twin.lora_B["default"].weight.copy_(layer.lora_B)
-        pairs += [(layer.lora_A, twin.lora_A["default"].weight),
-                  (layer.lora_B, twin.lora_B["default"].weight)]
+    pairs = lora.copy_adapters_to_peft(ours, theirs)
+    assert len(pairs) == 2 * len(lora.lora_layers(ours))
     probe = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(5))
     logits_ours = ours(IDX)
     logits_theirs = theirs(input_ids=IDX).logits

@@ -16,6 +16,31 @@ from .gptq import gptq_from_hessian
 from .rtn import quantize_rtn
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T for a frozen weight stored compactly, rebuilt in the forward and again in the backward.
+
+    Autograd would otherwise keep the float copy of every such weight alive from the forward to
+    the backward pass, as much memory as an unquantized model; QLoRA's 4-bit matmul
+    (bitsandbytes) also dequantizes twice rather than keep it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dense_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dense_weight(grad_out.dtype), None  # dL/dx; W is frozen
+
+
+def frozen_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """`layer`'s product with x, saving nothing for the backward pass beyond the layer itself."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, layer)
+    return F.linear(x, layer.dense_weight(x.dtype))
+
+
 class QuantizedLinear(nn.Module):
     """A bias-free Linear whose weight is stored quantized; it computes with the dequantized weight.
 
@@ -33,8 +58,12 @@ class QuantizedLinear(nn.Module):
     def qtensor(self) -> QuantizedTensor:
         return QuantizedTensor(self.packed, self.scales, self.shape, self.bits, self.group_size)
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out, in), dequantized to `dtype`."""
+        return self.qtensor.dequantize(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qtensor.dequantize(x.dtype))
+        return frozen_linear(x, self)
 
     def extra_repr(self) -> str:
         return f"in={self.shape[1]}, out={self.shape[0]}, bits={self.bits}, group={self.group_size}"
@@ -63,8 +92,12 @@ class HalfLinear(nn.Module):
             raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         self.register_buffer("weight", weight.detach().to(dtype))
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out, in) in `dtype`."""
+        return self.weight.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return frozen_linear(x, self)
 
 
 class HalfEmbedding(HalfLinear):
