@@ -170,6 +170,8 @@ def decode_tokens_per_s_roofline(weight_bytes: float, mem_bandwidth: float, batc
 # published config.json files; max_seq_len is the context the model was released with.
 
 MODELS: dict[str, ModelConfig] = {
+    "LLaMA-65B": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64,
+                             d_ff=22016, max_seq_len=2048),
     "Llama-2-7B": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
                               d_ff=11008, max_seq_len=4096),
     "Llama-2-13B": ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
@@ -181,6 +183,8 @@ MODELS: dict[str, ModelConfig] = {
                                 rope_theta=500000.0),
 }
 MODEL_SOURCES = {
+    "LLaMA-65B": "Touvron et al. 2023 (LLaMA, Table 2: 8192 wide, 64 heads, 80 layers), "
+                 "params.json of the released 65B model; QLoRA's 65B",
     "Llama-2-7B": "Touvron et al. 2023 (Llama 2), config.json of meta-llama/Llama-2-7b-hf",
     "Llama-2-13B": "Touvron et al. 2023 (Llama 2), config.json of meta-llama/Llama-2-13b-hf",
     "Llama-2-70B": "Touvron et al. 2023 (Llama 2, GQA with 8 KV heads), config.json",
@@ -189,9 +193,10 @@ MODEL_SOURCES = {
 
 
 FINETUNE_METHODS = ("full", "lora", "qlora")
-# Mixed-precision AdamW, per trained parameter: bf16 weight and gradient (2 + 2), an fp32 master
-# copy (4) and fp32 first and second moments (4 + 4); Rajbhandari et al. 2020 (ZeRO) count the same.
-TRAINED_BYTES_PER_PARAM = 16.0
+# Mixed-precision AdamW, per trained parameter: a bf16 weight (2 bytes) and gradient (2), and an
+# optimizer state of an fp32 master copy and two fp32 moments (4 + 4 + 4); 16 bytes in all, as
+# Rajbhandari et al. 2020 (ZeRO) count.
+TRAINED_BYTES = {"weight": 2.0, "gradient": 2.0, "optimizer": 12.0}
 # A frozen weight: bf16 (2 bytes), or QLoRA's 4-bit NF4 with double-quantized constants, 4.127
 # bits (Dettmers et al. 2023, section 3). Embedding and head stay in bf16 in both, as
 # bitsandbytes leaves every layer but the blocks' Linear layers unquantized.
@@ -200,16 +205,19 @@ FROZEN_BYTES_PER_PARAM = {"lora": 2.0, "qlora": 4.127 / 8}
 
 def finetune_memory(cfg: ModelConfig, method: str, adapter_params: int = 0,
                     batch: int = 1, seq_len: int = 2048) -> dict[str, float]:
-    """Bytes to fine-tune a model of shape `cfg` with AdamW, by kind: weights, states, activations.
+    """Bytes to fine-tune a model of shape `cfg` with AdamW, by kind (weights, gradients, ...).
 
     method "full" trains every parameter; "lora" and "qlora" train `adapter_params` beside a
     frozen base in bf16 or 4 bits. Activations assume full activation checkpointing (each
     block's input kept, one block recomputed at a time) and a fused attention kernel: 2 bytes
     per token per d_model per block, plus one block's ~34 bytes per token per d_model
-    (Korthikanti et al. 2022, their count without the attention-score term), plus the fp32
-    logits and their gradient (8 bytes per token per vocabulary entry). LoRA keeps the same
-    activations as full fine-tuning: every adapted layer still needs its input for A's
-    gradient. Leaves out the framework, the CUDA context and fragmentation.
+    (Korthikanti et al. 2022's count without the attention-score term, made for a GeLU MLP four
+    times d_model wide; an approximation for SwiGLU), plus 12 bytes per token per vocabulary
+    entry for the output (bf16 logits, the fp32 log-softmax the loss keeps, and their
+    gradients). LoRA keeps the same activations as full fine-tuning: every adapted layer still
+    needs its input for A's gradient. QLoRA adds one frozen MLP matrix dequantized to bf16 at a
+    time. Leaves out the framework, the CUDA context and fragmentation; on several GPUs the
+    states are assumed sharded (ZeRO-3 / FSDP), so the total divides between them.
     """
     if method not in FINETUNE_METHODS:
         raise ValueError(f"method must be one of {FINETUNE_METHODS}, got {method!r}")
@@ -220,16 +228,21 @@ def finetune_memory(cfg: ModelConfig, method: str, adapter_params: int = 0,
     _positive(batch=batch, seq_len=seq_len)
     n = cfg.num_params(non_embedding=False)
     tokens = batch * seq_len
+    trained = n if method == "full" else adapter_params
     if method == "full":
-        weights = 2.0 * n
-        states = (TRAINED_BYTES_PER_PARAM - 2.0) * n  # gradient, master copy, moments
+        frozen = 0.0
     else:
         blocks = cfg.num_params(non_embedding=True)
-        weights = blocks * FROZEN_BYTES_PER_PARAM[method] + (n - blocks) * 2.0
-        states = TRAINED_BYTES_PER_PARAM * adapter_params
-    activations = tokens * cfg.d_model * (2.0 * cfg.n_layers + 34.0) + 8.0 * tokens * cfg.vocab_size
-    return {"weights": weights, "gradients + optimizer": states, "activations": activations,
-            "total": weights + states + activations}
+        frozen = blocks * FROZEN_BYTES_PER_PARAM[method] + (n - blocks) * 2.0
+    activations = (tokens * cfg.d_model * (2.0 * cfg.n_layers + 34.0)
+                   + 12.0 * tokens * cfg.vocab_size)
+    if method == "qlora":
+        activations += 2.0 * cfg.d_model * cfg.d_ff  # the dequantized matrix being used
+    out = {"weights": frozen + TRAINED_BYTES["weight"] * trained,
+           "gradients": TRAINED_BYTES["gradient"] * trained,
+           "optimizer": TRAINED_BYTES["optimizer"] * trained, "activations": activations}
+    out["total"] = sum(out.values())
+    return out
 
 
 def finetune_flops_per_token(n_params: float, method: str, checkpointing: bool = True) -> float:

@@ -64,9 +64,9 @@ class FineTune:
             return "full"
         if self.method == "last_block":
             return "last block + head"
-        where = ("attn" if set(self.targets) == set(ATTENTION) else
-                 "attn+MLP" if set(self.targets) == set(ATTENTION + MLP) else
-                 "+".join(self.targets))
+        names = {frozenset(ATTENTION): "attn", frozenset(ATTENTION + MLP): "attn+MLP",
+                 frozenset(ATTENTION + MLP + ("lm_head",)): "attn+MLP+head"}
+        where = names.get(frozenset(self.targets), "+".join(self.targets))
         prefix = f"QLoRA int{self.base_bits}" if self.base_bits else "LoRA"
         return f"{prefix} r{self.r} {where}"
 
@@ -122,8 +122,8 @@ def training_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     opt = make_optimizer(model, cfg or TrainConfig())
 
     def step():
+        opt.zero_grad(set_to_none=True)  # first: no gradients of the step before stay alive
         loss = lm_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
