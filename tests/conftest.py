@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from labsupport.model import ModelConfig, Transformer
+from labsupport.train import TrainConfig
+from labsupport.zoo import ZooSpec
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +33,16 @@ def tiny_config(**overrides) -> ModelConfig:
                 max_seq_len=64)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+# A zoo recipe small enough to train in a second: for the tests of the zoo and of fine-tuning runs.
+TINY_ZOO = ZooSpec(
+    model=ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                      max_seq_len=32),
+    train=TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=4,
+                      eval_batches=1),
+    vocab_size=512,
+)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -4,20 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_ZOO, tiny_model
 
 from labsupport import cost, data, finetune, lora, measure, quant, zoo
 from labsupport.finetune import ATTENTION, MLP, FineTune
-from labsupport.model import ModelConfig
 from labsupport.train import TrainConfig
 
-TINY = zoo.ZooSpec(
-    model=ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                      max_seq_len=32),
-    train=TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=4,
-                      eval_batches=1),
-    vocab_size=512,
-)
+TINY = TINY_ZOO
 FT_TRAIN = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1,
                        eval_every=6, eval_batches=1)
 

@@ -6,19 +6,13 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_ZOO
 
 from labsupport import zoo
-from labsupport.model import ModelConfig
 from labsupport.runtime import PROFILES
 from labsupport.train import TrainConfig
 
-TINY = zoo.ZooSpec(
-    model=ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                      max_seq_len=32),
-    train=TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=4,
-                      eval_batches=1),
-    vocab_size=512,
-)
+TINY = TINY_ZOO
 
 
 def _load_in_child(label, queue):
