@@ -66,6 +66,21 @@ def hardware(name: str) -> Hardware:
     return HARDWARE[name]
 
 
+CPU_VM_USD_PER_HOUR = 0.10  # a 2-vCPU cloud VM, roughly (lab 00's stated assumption)
+
+
+def usd_per_hour_here(gpu_name: str | None = None) -> tuple[float, str]:
+    """($ per hour, what it is) for pricing tokens made on this machine.
+
+    The hardware table's row for the GPU named (an H100's when it is not in the table), or
+    the course's assumed price of a small CPU cloud VM when there is no GPU.
+    """
+    if not gpu_name:
+        return CPU_VM_USD_PER_HOUR, "a 2-vCPU cloud VM (assumed)"
+    row = next((hw for key, hw in HARDWARE.items() if key in gpu_name), HARDWARE["H100"])
+    return row.usd_per_hour, f"{row.name} ({row.price_date} price)"
+
+
 def _positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or not value > 0:

@@ -11,22 +11,14 @@ bytes of the file that carries the fine-tune), so that a second run of a noteboo
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import os
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
-with warnings.catch_warnings():  # tqdm.auto warns without ipywidgets
-    warnings.simplefilter("ignore")
-    from tqdm.auto import tqdm
-
 from . import data, lora, measure, quant, zoo
-from .runtime import cache_dir, cached_json, device, save_tensors, stable_hash, usable_cores
+from .runtime import cache_dir, cached_json, device, map_in_workers, save_tensors, stable_hash
 from .train import TrainConfig, evaluate_loss, lm_loss, make_optimizer, train
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -220,32 +212,9 @@ def run_all(specs: list[Run], workers: int | None = None, progress: bool = True)
     """Results of `run` for every spec, in order; uncached runs train in parallel processes.
 
     As with the zoo, one single-thread process per core trains these small models sooner than
-    one process after another (on a GPU they run one after another in this process). Each
-    run's `seconds` is then one core's wall time, with another run beside it.
+    one process after another (`runtime.map_in_workers`; on a GPU they run here, one after
+    another). Each run's `seconds` is then one core's wall time, with another run beside it.
     """
-    if workers is None:
-        workers = 1 if device().type == "cuda" else min(usable_cores(), 8)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    todo = [i for i, s in enumerate(specs) if not s.path().exists()]
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="fine-tuning runs",
-               disable=not progress)
-    if workers > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("spawn")  # spawn: fork + OpenMP can hang
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_in_worker, specs[i], str(cache_dir())): i for i in todo}
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
-    else:
-        for i in todo:
-            run(specs[i])
-            bar.update()
-    bar.close()
+    todo = [s for s in specs if not s.path().exists()]
+    map_in_workers(run, todo, workers, desc="fine-tuning runs", progress=progress)
     return [run(s) for s in specs]
-
-
-def _run_in_worker(spec: Run, cache: str) -> None:
-    os.environ["LABS_CACHE"] = cache
-    torch.set_num_threads(1)
-    run(spec)

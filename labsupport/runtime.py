@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import random
 import tempfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,10 @@ import numpy as np
 import psutil
 import torch
 from filelock import FileLock
+
+with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to text bars: fine
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
 
 PROFILES = ("smoke", "cpu", "gpu")
 _PROFILE_HELP = {
@@ -67,6 +73,50 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Processes for a batch of independent small trainings: one per core on a CPU, one on a GPU.
+
+    Course models this small are bound by per-operator overhead, not arithmetic: one thread
+    trains them about as fast as two, so one single-thread process per core finishes a batch
+    of them up to that many times sooner. A GPU is shared better by one process.
+    """
+    return 1 if device().type == "cuda" else min(usable_cores(), 8)
+
+
+def _worker_start(cache: str) -> None:
+    os.environ["LABS_CACHE"] = cache  # the parent's cache, even if it was set after start-up
+    torch.set_num_threads(1)
+
+
+def map_in_workers(fn, items: list, workers: int | None = None, desc: str = "",
+                   progress: bool = True) -> list:
+    """[fn(item) for item in items], in `workers` spawned single-thread processes; in order.
+
+    `fn` must be a module-level function (it is pickled by name). Spawned, not forked: a forked
+    child of a process that has used OpenMP can hang; a script (not a notebook) that calls this
+    must do so under `if __name__ == "__main__":`. With one worker, or one item, it runs here.
+    """
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    results: list = [None] * len(items)
+    bar = tqdm(total=len(items), desc=desc, disable=not progress or not items)
+    if workers == 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            results[i] = fn(item)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(min(workers, len(items)),
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_start, initargs=(str(cache_dir()),)) as pool:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return results
 
 
 def cache_dir() -> Path:

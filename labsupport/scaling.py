@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,13 +19,9 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
-with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to text bars: fine
-    warnings.simplefilter("ignore")
-    from tqdm.auto import tqdm
-
 from . import data
 from .model import ModelConfig, Transformer
-from .runtime import cache_dir, cached_json, device, stable_hash, usable_cores
+from .runtime import cache_dir, cached_json, device, map_in_workers, stable_hash
 from .train import TrainConfig, evaluate_loss, train
 
 RECIPE_VERSION = 1  # bump when the training recipe of scaling runs changes
@@ -334,48 +327,20 @@ def run(spec: RunSpec, progress: bool = False) -> dict:
     return result | {"cached": not built}
 
 
-def _run_in_worker(spec: RunSpec) -> dict:
-    torch.set_num_threads(1)  # one process per core: tiny models gain nothing from threads
-    return run(spec)
-
-
 def run_all(specs: list[RunSpec], workers: int | None = None, progress: bool = True) -> list[dict]:
     """Results of `run` for every spec, in order; uncached runs train in parallel processes.
 
     Runs this small are bound by per-operation overhead, not arithmetic: one thread trains
-    them about as fast as two, so `workers` processes of one thread each (default: one per
-    core on a CPU, a single process on a GPU) finish the grid up to `workers` times sooner.
-    Each run's `seconds` is then one core's wall time. Workers are spawned, not forked, so a
-    script (not a notebook) that calls this must do so under `if __name__ == "__main__":`.
+    them about as fast as two, so single-thread processes, one per core on a CPU
+    (`runtime.map_in_workers`; one process on a GPU), finish the grid up to that many times
+    sooner. Each run's `seconds` is then one core's wall time.
     """
-    if workers is None:
-        workers = 1 if device().type == "cuda" else min(usable_cores(), 8)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    results: list[dict | None] = [None] * len(specs)
-    todo = []
-    for i, spec in enumerate(specs):
-        if _run_path(spec).exists():
-            results[i] = run(spec)  # reads it (and retrains a damaged file)
-        else:
-            todo.append(i)
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="scaling runs",
-               disable=not progress)
-    if workers == 1 or len(todo) <= 1:
-        for i in todo:
-            results[i] = run(specs[i])
-            bar.update()
-    else:
-        # spawn, not fork: a forked child of a process that has used OpenMP can hang
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            # longest first, so that the last worker does not start the longest run last
-            order = sorted(todo, key=lambda i: -specs[i].tokens)
-            futures = {pool.submit(_run_in_worker, specs[i]): i for i in order}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    bar.close()
-    return results
+    # longest first, so that the last worker does not start the longest run last
+    todo = sorted((s for s in specs if not _run_path(s).exists()), key=lambda s: -s.tokens)
+    map_in_workers(run, todo, workers, desc="scaling runs", progress=progress)
+    trained_now = {s.key() for s in todo}
+    # reads each file (and retrains a damaged one); "cached" says whether it trained just now
+    return [run(s) | ({"cached": False} if s.key() in trained_now else {}) for s in specs]
 
 
 def _train_run(spec: RunSpec, progress: bool) -> dict:

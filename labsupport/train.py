@@ -99,8 +99,13 @@ def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, seq_len: int,
 
 
 def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tensor | None,
-          cfg: TrainConfig, progress: bool = True, desc: str = "training"):
-    """Train `model` in place; return it and a history of dicts (step, loss, val_loss, ...)."""
+          cfg: TrainConfig, progress: bool = True, desc: str = "training", loss_fn=None):
+    """Train `model` in place; return it and a history of dicts (step, loss, val_loss, ...).
+
+    `loss_fn(model, x, y) -> loss` replaces the next-token cross-entropy (`lm_loss`), as
+    distillation does; validation always reports `lm_loss` on real data.
+    """
+    loss_fn = lm_loss if loss_fn is None else loss_fn
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -112,7 +117,7 @@ def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tens
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = get_batch(train_data, cfg.batch_size, cfg.seq_len, gen)
-        loss = lm_loss(model, x.to(device), y.to(device))
+        loss = loss_fn(model, x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -10,10 +10,8 @@ Introduced in lab 00.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +23,9 @@ from .runtime import (
     cached_tensors,
     check_profile,
     device,
+    map_in_workers,
     profile,
     stable_hash,
-    usable_cores,
 )
 from .train import TrainConfig, train
 
@@ -66,7 +64,28 @@ def _small(profile_name: str) -> ZooSpec:
     return ZooSpec(model=m, train=t)
 
 
-_SPECS = {"small": _small}
+def _large(profile_name: str) -> ZooSpec:
+    """About 4x small's non-embedding parameters, trained on 1.5x its tokens: the distillation
+    teacher (lab 20) and the cascade's large model (lab 40)."""
+    if profile_name == "smoke":  # ~0.43M non-embedding parameters
+        m = ModelConfig(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, d_ff=384,
+                        max_seq_len=128)
+        t = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=15,
+                        eval_every=150)
+    elif profile_name == "cpu":  # ~5.1M non-embedding parameters
+        m = ModelConfig(vocab_size=4096, d_model=256, n_layers=6, n_heads=8, d_ff=768,
+                        max_seq_len=256)
+        t = TrainConfig(steps=600, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=40,
+                        eval_every=100)
+    else:  # gpu: ~42M non-embedding parameters
+        m = ModelConfig(vocab_size=4096, d_model=768, n_layers=6, n_heads=12, d_ff=2048,
+                        max_seq_len=512)
+        t = TrainConfig(steps=1200, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=80,
+                        eval_every=200)
+    return ZooSpec(model=m, train=t)
+
+
+_SPECS = {"large": _large, "small": _small}
 
 
 def names() -> list[str]:
@@ -108,26 +127,16 @@ def load_specs(specs: dict[str, ZooSpec], workers: int | None = None,
     """`load_spec` for every (label, spec); the uncached ones train in parallel processes.
 
     Course models this small train about as fast on one thread as on two, so on a CPU one
-    single-thread process per core trains several of them sooner than one after another (the
-    default; one process on a GPU). Spawned, not forked, as `scaling.run_all` explains.
+    single-thread process per core trains several of them sooner than one after another
+    (`runtime.map_in_workers`; one process on a GPU).
     """
-    if workers is None:
-        workers = 1 if device().type == "cuda" else min(usable_cores(), 8)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    todo = [label for label, s in specs.items() if not _spec_path(s, label).exists()]
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(min(workers, len(todo)),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(_train_in_worker, specs[label], label, str(cache_dir()))
-                           for label in todo]:
-                future.result()
+    todo = [(s, label) for label, s in specs.items() if not _spec_path(s, label).exists()]
+    map_in_workers(_train_quietly, todo, workers, desc="zoo models", progress=progress)
     return {label: load_spec(s, label, progress) for label, s in specs.items()}
 
 
-def _train_in_worker(s: ZooSpec, label: str, cache: str) -> None:
-    os.environ["LABS_CACHE"] = cache  # the parent's cache, even if it was set after start-up
-    torch.set_num_threads(1)
+def _train_quietly(spec_and_label: tuple[ZooSpec, str]) -> None:
+    s, label = spec_and_label
     load_spec(s, label, progress=False)
 
 

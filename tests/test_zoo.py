@@ -72,17 +72,29 @@ def test_two_concurrent_loads_train_once_and_agree():
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown zoo model 'huge'; available: \['small'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown zoo model 'huge'; available: \['large', 'small'\]"):
         zoo.load("huge")
 
 
 @pytest.mark.parametrize("profile_name", PROFILES)
-def test_every_profile_has_a_valid_recipe(profile_name):
-    s = zoo.spec("small", profile_name)
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_profile_has_a_valid_recipe(name, profile_name):
+    s = zoo.spec(name, profile_name)
     assert s.train.seq_len <= s.model.max_seq_len
     assert s.model.vocab_size == s.vocab_size
     with pytest.raises(ValueError, match="unknown profile"):
-        zoo.spec("small", "laptop")
+        zoo.spec(name, "laptop")
+
+
+@pytest.mark.parametrize("profile_name", PROFILES)
+def test_large_is_about_four_times_small_and_sees_more_tokens(profile_name):
+    small, large = zoo.spec("small", profile_name), zoo.spec("large", profile_name)
+    ratio = (large.model.num_params(non_embedding=True)
+             / small.model.num_params(non_embedding=True))
+    assert 3.5 <= ratio <= 4.5, ratio
+    assert (large.train.steps * large.train.tokens_per_step
+            > small.train.steps * small.train.tokens_per_step)
 
 
 
