@@ -89,3 +89,10 @@ def test_decode_roofline_takes_the_lower_roof():
     assert both == pytest.approx(5e4)  # compute-bound: 5e10 / 1e6
     with pytest.raises(ValueError, match="flops_per_token"):
         cost.decode_tokens_per_s_roofline(1e6, 1e10, flops_per_token=0, peak_flops=1e10)
+
+
+def test_price_here_is_the_gpu_row_or_the_assumed_cpu_vm():
+    assert cost.usd_per_hour_here(None)[0] == cost.CPU_VM_USD_PER_HOUR
+    assert cost.usd_per_hour_here("NVIDIA H200 SXM")[0] == cost.hardware("H200").usd_per_hour
+    price, what = cost.usd_per_hour_here("Tesla T4")  # not in the table: priced as an H100
+    assert price == cost.hardware("H100").usd_per_hour and "H100" in what
