@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, zoo
-from .data import get_batch
 from .model import ModelConfig, Transformer, generate
 from .runtime import cache_dir, cached_json, cached_tensors, device, map_in_workers, stable_hash
 from .train import TrainConfig, evaluate_loss, train
@@ -119,7 +118,7 @@ def teacher_corpus(teacher: nn.Module, n_tokens: int, prompt_len: int, temperatu
     gen = torch.Generator().manual_seed(seed)
     pieces, have, call = [], 0, 0
     while have < n_tokens:
-        prompts, _ = get_batch(source_tokens, batch_size, prompt_len, gen)  # (B, prompt_len)
+        prompts, _ = data.get_batch(source_tokens, batch_size, prompt_len, gen)  # (B, prompt_len)
         out = generate(teacher, prompts.to(device), new, temperature=temperature,
                        seed=seed * 100_003 + call)
         written = out[:, prompt_len:].cpu()  # (B, new): the teacher's tokens only
@@ -144,7 +143,7 @@ def agreement(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, seq_len
     device = next(student.parameters()).device
     same = kl = count = 0.0
     for _ in range(n_batches):
-        x, _ = get_batch(ids, batch_size, seq_len, gen)
+        x, _ = data.get_batch(ids, batch_size, seq_len, gen)
         x = x.to(device)
         s, t = student(x).float(), teacher(x).float()
         same += (s.argmax(-1) == t.argmax(-1)).sum().item()

@@ -4,8 +4,9 @@ Introduced in lab 11 ("LoRA"). A `FineTune` names which weights train: all of th
 last block and the head ("last_block"), or low-rank adapters ("lora", from `labsupport.lora`),
 optionally beside a frozen base stored in 4 bits (QLoRA's recipe). A `Run` is one fine-tuning
 job: a FineTune, a training config and a zoo model. `run_all` trains many, in parallel processes
-on a CPU, and caches each result (losses after training, measured peak memory, wall time, the
-bytes of the file that carries the fine-tune), so that a second run of a notebook reads them.
+on a CPU, and caches each result (losses after training, wall time, the bytes of the file that
+carries the fine-tune), so that a second run of a notebook reads them. `training_memory`
+measures what one training step holds, by kind.
 """
 
 from __future__ import annotations
@@ -93,13 +94,6 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def state_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the weights as stored, and of the gradients and AdamW's two moments for them."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    return {"weights": measure.weight_bytes(model), "gradients": grads, "optimizer": 2 * grads}
-
-
 def training_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     cfg: TrainConfig | None = None) -> dict[str, int]:
     """Bytes of one AdamW training step on batch (x, y), by what holds them.
@@ -120,14 +114,14 @@ def training_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         opt.step()
 
     step()
-    opt_state = sum(measure.tensor_bytes(v) for st in opt.state.values() for v in st.values()
-                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+    gradients = measure.tensor_bytes(*(p for p in model.parameters() if p.requires_grad))
+    optimizer = sum(measure.tensor_bytes(v) for st in opt.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)  # exp_avg, exp_avg_sq
     activations, _ = measure.saved_activation_bytes(lambda: lm_loss(model, x, y), model)
     step_peak, _ = measure.tensor_peak_bytes(step)
-    out = {**state_bytes(model), "activations": activations}
-    out["optimizer"] = opt_state  # measured, not assumed: AdamW keeps exp_avg and exp_avg_sq
-    out["peak"] = out["weights"] + opt_state + step_peak
-    return out
+    weights = measure.weight_bytes(model)
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+            "activations": activations, "peak": weights + optimizer + step_peak}
 
 
 def save_trained(model: nn.Module, path) -> int:

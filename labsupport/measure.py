@@ -227,7 +227,7 @@ def tensor_peak_bytes(fn) -> tuple[int, int]:
     Counts what PyTorch's operators allocate, forward and backward, on any device; memory that
     existed before (weights, data) is not counted, nor is the allocator's own slack. On a CPU
     this is steadier than the process's resident size, which the allocator keeps high after
-    frees; on a GPU it matches `torch.cuda.max_memory_allocated` up to the allocator's rounding.
+    frees.
     """
     tracker = _LiveTensorBytes()
     with tracker:
