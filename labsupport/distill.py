@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, zoo
+from .measure import flops_per_token, generation_flops
 from .model import ModelConfig, Transformer, generate
 from .runtime import cache_dir, cached_json, cached_tensors, device, map_in_workers, stable_hash
 from .train import TrainConfig, evaluate_loss, train
@@ -211,6 +212,38 @@ class StudentRun:
 
     def path(self) -> Path:
         return cache_dir() / "distill" / f"student-{self.method}-{self.key()}.json"
+
+
+def text_samples(text: TeacherText, teacher_context: int) -> int:
+    """How many samples `teacher_corpus` writes for `text` (whole batches, as it runs)."""
+    per_sample = teacher_context - text.prompt_len + 1  # the teacher's tokens and the closing id
+    calls = -(-text.n_tokens // (per_sample * text.batch_size))
+    return calls * text.batch_size
+
+
+def train_flops(spec: StudentRun) -> dict[str, float]:
+    """Matmul FLOPs of training the student of `spec`: its own, and the teacher's on its behalf.
+
+    The student's are 3x a forward pass per training token (measure.flops_per_token, at the
+    mean context of a window). The teacher's: for "soft", one forward pass over every training
+    token; for "sequence", writing all of `spec.text` (measure.generation_flops per sample,
+    prompts included); for "hard", none. Text shared by several students is counted in full
+    for each: divide by the number of students to amortise it.
+    """
+    t = spec.train
+    tokens = t.steps * t.tokens_per_step
+    context = (t.seq_len + 1) / 2  # a window's positions attend to 1..seq_len tokens
+    student = flops_per_token(spec.model, context, training=True) * tokens
+    teacher_cfg = spec.teacher_spec().model
+    if spec.method == "soft":
+        teacher = flops_per_token(teacher_cfg, context) * tokens
+    elif spec.method == "sequence":
+        new = teacher_cfg.max_seq_len - spec.text.prompt_len
+        teacher = (generation_flops(teacher_cfg, spec.text.prompt_len, new)
+                   * text_samples(spec.text, teacher_cfg.max_seq_len))
+    else:
+        teacher = 0.0
+    return {"student": student, "teacher": teacher}
 
 
 def teacher_text(zspec: zoo.ZooSpec, text: TeacherText, label: str = "teacher") -> torch.Tensor:

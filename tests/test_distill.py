@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from conftest import TINY_ZOO, tiny_model
 
 from labsupport import distill
-from labsupport.model import ModelConfig
+from labsupport.measure import flops_per_token, generation_flops
+from labsupport.model import ModelConfig, generate
 from labsupport.train import TrainConfig
 
 GEN = torch.Generator().manual_seed(0)
@@ -138,3 +139,40 @@ def test_students_of_each_method_train_and_are_cached():
 def test_bad_student_runs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         distill.StudentRun(STUDENT_CFG, STUDENT_TRAIN, teacher=TINY_ZOO, **kwargs)
+
+
+def test_text_samples_counts_what_teacher_corpus_writes(monkeypatch):
+    teacher = tiny_model(seed=4)  # context 64
+    source = torch.randint(1, 256, (2000,), generator=torch.Generator().manual_seed(5))
+    written = []
+
+    def counting_generate(model, prompt, *args, **kwargs):
+        written.append(prompt.shape[0])
+        return generate(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "generate", counting_generate)
+    for n_tokens in (1, 49, 50, 500):
+        written.clear()
+        distill.teacher_corpus(teacher, n_tokens, prompt_len=16, source_tokens=source,
+                               batch_size=4)
+        text = distill.TeacherText(n_tokens, prompt_len=16, batch_size=4)
+        assert distill.text_samples(text, teacher_context=64) == sum(written)
+
+
+def test_train_flops_charge_the_teacher_by_method():
+    text = distill.TeacherText(n_tokens=STUDENT_TRAIN.steps * STUDENT_TRAIN.tokens_per_step,
+                               prompt_len=8)
+    hard, soft, seq = (distill.train_flops(distill.StudentRun(
+        STUDENT_CFG, STUDENT_TRAIN, method, text=text if method == "sequence" else None,
+        teacher=TINY_ZOO)) for method in ("hard", "soft", "sequence"))
+    tokens = STUDENT_TRAIN.steps * STUDENT_TRAIN.tokens_per_step
+    context = (STUDENT_TRAIN.seq_len + 1) / 2
+    assert hard["teacher"] == 0
+    assert hard["student"] == soft["student"] == seq["student"] == pytest.approx(
+        3 * flops_per_token(STUDENT_CFG, context) * tokens)
+    assert soft["teacher"] == pytest.approx(flops_per_token(TINY_ZOO.model, context) * tokens)
+    # writing is a forward pass per token too, plus each sample's prompt and whole batches
+    assert seq["teacher"] > soft["teacher"]
+    samples = distill.text_samples(text, TINY_ZOO.model.max_seq_len)
+    assert seq["teacher"] == pytest.approx(
+        samples * generation_flops(TINY_ZOO.model, 8, TINY_ZOO.model.max_seq_len - 8))
