@@ -50,7 +50,8 @@ class Request:
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
-    on_token: object = None  # optional callable(request, token_id), called from the engine thread
+    on_token: object = None  # optional callable(request, token_id), called on the engine's thread
+    on_done: object = None  # optional callable(request), called once when it finishes or is dropped
     done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -167,7 +168,13 @@ class Engine:
 
     def _finish_unstarted(self, request: Request) -> None:
         request.finished = time.perf_counter()
+        self._done(request)
+
+    @staticmethod
+    def _done(request: Request) -> None:
         request.done.set()
+        if request.on_done is not None:
+            request.on_done(request)
 
     # ---- the model, slot by slot ---------------------------------------------------------
 
@@ -235,7 +242,7 @@ class Engine:
                 request.finished = now
                 self.slots[slot] = None
                 self._generators.pop(request.id, None)
-                request.done.set()
+                self._done(request)
 
     @torch.no_grad()
     def step(self) -> bool:

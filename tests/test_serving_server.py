@@ -1,0 +1,213 @@
+"""The OpenAI-compatible server (lab 30), through the real `openai` client, on 127.0.0.1 only."""
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import openai
+import pytest
+import uvicorn
+from test_serving_engine import MODEL, solo
+
+from labsupport.serving import Engine, Request
+from labsupport.serving.server import create_app
+
+
+class ByteTokenizer:
+    """Bytes as tokens (the test model has 256 of them): no tokenizer to train."""
+
+    def encode(self, text):
+        return SimpleNamespace(ids=list(text.encode()))
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An engine behind the app, served by uvicorn on a thread, on a free loopback port."""
+
+    def __init__(self, **engine_kwargs):
+        self.engine = Engine(MODEL, **{"max_batch": 8, **engine_kwargs})
+        self.port = free_port()
+        config = uvicorn.Config(create_app(self.engine, "tiny", ByteTokenizer()),
+                                host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+    def client(self):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
+
+    def post(self, body: bytes | dict):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", "/v1/completions", data, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, headers, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def served():
+    with Served() as s:
+        yield s
+
+
+def test_completion_through_the_openai_client(served):
+    prompt = [3, 1, 4, 1, 5]
+    out = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=9,
+                                             temperature=0)
+    ids = out.choices[0].model_extra["token_ids"]
+    assert ids == solo(Request(prompt=prompt, max_tokens=9))
+    assert out.choices[0].text == ByteTokenizer().decode(ids)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 9)
+    text = served.client().completions.create(model="tiny", prompt="hello", max_tokens=3,
+                                              temperature=0)
+    assert text.usage.prompt_tokens == 5  # five bytes
+
+
+def test_streaming_through_the_openai_client(served):
+    prompt = [2, 7, 1, 8]
+    stream = served.client().completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    ids = [t for c in chunks for choice in c.choices for t in choice.model_extra["token_ids"]]
+    assert ids == solo(Request(prompt=prompt, max_tokens=12))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_models_and_health(served):
+    assert [m.id for m in served.client().models.list()] == ["tiny"]
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ({"model": "tiny", "max_tokens": 4}, "prompt"),
+    ({"model": "tiny", "prompt": [1], "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": [1] * 60, "max_tokens": 10}, "max_tokens"),
+    ({"model": "gpt-5", "prompt": [1], "max_tokens": 4}, "model"),
+])
+def test_bad_requests_get_openai_error_bodies(served, body, param):
+    status, _, reply = served.post(body)
+    assert status == 400
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    assert reply["error"]["param"] == param
+
+
+def test_the_openai_client_raises_on_bad_requests(served):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        served.client().completions.create(model="tiny", prompt=[1], max_tokens=-1)
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    with Served(max_queue=0) as s:
+        status, headers, reply = s.post({"model": "tiny", "prompt": [1], "max_tokens": 2})
+    assert status == 429 and headers["retry-after"] == "1"
+    assert "queue full" in reply["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": "tiny", "prompt": [1, 2], "max_tokens": 60, "stream": True}),
+        {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.readline().startswith(b"data: ")  # the first token arrived
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 5
+    while served.engine.running or served.engine.waiting:
+        assert time.time() < deadline, "the slot was never freed"
+        time.sleep(0.02)
+
+
+def test_64_concurrent_streaming_clients(served):
+    prompts = [[(7 * i + j) % 256 for j in range(1 + i % 9)] for i in range(64)]
+    lengths = [4 + (5 * i) % 17 for i in range(64)]
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0)
+
+    async def one(prompt, n):
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=n,
+                                                 temperature=0, stream=True)
+        return [t async for c in stream for ch in c.choices for t in ch.model_extra["token_ids"]]
+
+    async def everyone():
+        return await asyncio.wait_for(asyncio.gather(*map(one, prompts, lengths)), timeout=60)
+
+    outputs = asyncio.run(everyone())
+    assert len(outputs) == 64
+    for prompt, n, ids in zip(prompts, lengths, outputs, strict=True):
+        assert ids == solo(Request(prompt=prompt, max_tokens=n))
+    assert served.engine.idle() and served.engine.running == 0
+
+
+def test_the_command_line_server_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "LABS_PROFILE": "smoke", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "labsupport.serving", "--model", "small",
+                             "--random-init", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               max_retries=0, timeout=10)
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = [m.id for m in client.models.list()]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert models == ["small"]
+        stream = client.completions.create(model="small", prompt="def", max_tokens=100,
+                                           stream=True)
+        first = next(iter(stream))  # a request is in flight
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)  # the request in flight is finished before the server stops
+        tokens = [t for c in [first, *rest] for ch in c.choices
+                  for t in ch.model_extra["token_ids"]]
+        assert len(tokens) == 100 and rest[-1].choices[0].finish_reason == "length"
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert b"Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with socket.socket() as s:  # nobody listens on the port: a new server may bind it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        s.bind(("127.0.0.1", port))
+        s.listen()
