@@ -12,12 +12,14 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import openai
 import pytest
 import uvicorn
 from test_serving_engine import MODEL, solo
 
 from labsupport.serving import Engine, Request
+from labsupport.serving.load import Workload, run_load
 from labsupport.serving.server import create_app
 
 
@@ -211,3 +213,37 @@ def test_the_command_line_server_stops_cleanly_on_sigterm(tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_the_workload_is_skewed_bounded_and_repeatable():
+    w = Workload(n_requests=400, output_median=20, output_sigma=1.0, output_max=200,
+                 vocab_size=256)
+    lengths = np.array([r["max_tokens"] for r in w.requests()])
+    assert w.requests() == Workload(n_requests=400, output_median=20, output_sigma=1.0,
+                                    output_max=200, vocab_size=256).requests()
+    assert lengths.min() >= 1 and lengths.max() <= 200
+    assert 15 <= np.median(lengths) <= 25 and lengths.mean() > np.median(lengths)  # right skew
+    assert all(0 < t < 256 for r in w.requests() for t in r["prompt"])
+
+
+@pytest.mark.parametrize("mode", [{"rate": 200.0}, {"concurrency": 4}])
+def test_the_load_generator_measures_every_request(served, mode):
+    requests = Workload(n_requests=24, prompt_median=8, prompt_max=20, output_median=6,
+                        output_max=30, vocab_size=256, seed=2).requests()
+    summary, results = run_load(served.url, requests, "tiny", timeout_s=30, **mode)
+    assert summary["completed"] == 24 and summary["failed"] == 0
+    assert [r.output_tokens for r in results] == [r["max_tokens"] for r in requests]
+    for r in results:
+        assert 0 < r.ttft <= r.e2e
+    assert summary["ttft_p50_ms"] <= summary["ttft_p90_ms"] <= summary["ttft_p99_ms"]
+    assert summary["output_tokens_per_s"] == pytest.approx(
+        sum(q["max_tokens"] for q in requests) / summary["duration_s"])
+
+
+def test_the_load_generator_counts_failures_and_stays_on_loopback(served):
+    summary, results = run_load(served.url, [{"prompt": [1] * 60, "max_tokens": 30}], "tiny")
+    assert summary["failed"] == 1 and "BadRequest" in results[0].error
+    with pytest.raises(ValueError, match="not a loopback address"):
+        run_load("http://192.0.2.1:8000", [{"prompt": [1], "max_tokens": 1}], "tiny")
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        run_load(served.url, [{"prompt": [1], "max_tokens": 1}], "tiny", rate=0)

@@ -2,6 +2,8 @@
 
 - `engine`: `Engine`, `Request`; the static, dynamic and continuous policies.
 - `server`: `create_app`, an OpenAI-compatible FastAPI app; `python -m labsupport.serving` runs it.
+- `load`: `Workload` (skewed prompt and output lengths) and `run_load` (Poisson arrivals or a fixed
+  concurrency against any OpenAI-compatible URL; TTFT, TPOT and end-to-end percentiles).
 """
 
 from .engine import POLICIES, Engine, Request, StepRecord
