@@ -3,11 +3,8 @@
 import asyncio
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -20,6 +17,7 @@ from test_serving_engine import MODEL, solo
 
 from labsupport.serving import Engine, Request
 from labsupport.serving.load import Workload, run_load
+from labsupport.serving.process import free_port, serve
 from labsupport.serving.server import create_app
 
 
@@ -31,12 +29,6 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(ids).decode(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -176,43 +168,31 @@ def test_64_concurrent_streaming_clients(served):
     assert served.engine.idle() and served.engine.running == 0
 
 
-def test_the_command_line_server_stops_cleanly_on_sigterm(tmp_path):
-    port = free_port()
-    env = {**os.environ, "LABS_PROFILE": "smoke", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "labsupport.serving", "--model", "small",
-                             "--random-init", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0, timeout=10)
-        deadline = time.time() + 60
-        while True:
-            try:
-                models = [m.id for m in client.models.list()]
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        assert models == ["small"]
+def test_the_command_line_server_stops_cleanly_on_sigterm():
+    with serve("small", random_init=True, startup_timeout_s=60,
+               env={"LABS_PROFILE": "smoke"}) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                               timeout=10)
+        assert [m.id for m in client.models.list()] == ["small"]
         stream = client.completions.create(model="small", prompt="def", max_tokens=100,
                                            stream=True)
         first = next(iter(stream))  # a request is in flight
-        proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         rest = list(stream)  # the request in flight is finished before the server stops
-        tokens = [t for c in [first, *rest] for ch in c.choices
-                  for t in ch.model_extra["token_ids"]]
-        assert len(tokens) == 100 and rest[-1].choices[0].finish_reason == "length"
         # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
-        assert b"Traceback" not in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert server.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.log()
+    tokens = [t for c in [first, *rest] for ch in c.choices for t in ch.model_extra["token_ids"]]
+    assert len(tokens) == 100 and rest[-1].choices[0].finish_reason == "length"
     with socket.socket() as s:  # nobody listens on the port: a new server may bind it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", server.port))
         s.listen()
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log():
+    with pytest.raises(RuntimeError, match="invalid choice"), serve("no-such-model"):
+        pass
 
 
 def test_the_workload_is_skewed_bounded_and_repeatable():

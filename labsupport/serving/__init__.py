@@ -4,6 +4,7 @@
 - `server`: `create_app`, an OpenAI-compatible FastAPI app; `python -m labsupport.serving` runs it.
 - `load`: `Workload` (skewed prompt and output lengths) and `run_load` (Poisson arrivals or a fixed
   concurrency against any OpenAI-compatible URL; TTFT, TPOT and end-to-end percentiles).
+- `process`: `serve(...)`, the server in a subprocess on a free loopback port for a `with` block.
 """
 
 from .engine import POLICIES, Engine, Request, StepRecord
