@@ -227,3 +227,11 @@ def test_the_load_generator_counts_failures_and_stays_on_loopback(served):
         run_load("http://192.0.2.1:8000", [{"prompt": [1], "max_tokens": 1}], "tiny")
     with pytest.raises(ValueError, match="rate must be > 0"):
         run_load(served.url, [{"prompt": [1], "max_tokens": 1}], "tiny", rate=0)
+
+
+def test_the_load_generator_runs_inside_an_event_loop(served):
+    async def from_a_notebook_cell():  # Jupyter runs cells inside a running loop
+        return run_load(served.url, [{"prompt": [1, 2], "max_tokens": 3}], "tiny")
+
+    summary, _ = asyncio.run(from_a_notebook_cell())
+    assert summary["completed"] == 1

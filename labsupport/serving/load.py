@@ -9,6 +9,7 @@ loopback addresses only unless told otherwise, and every run is bounded in count
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import math
 import random
@@ -146,8 +147,18 @@ def run_load(url: str, requests: list[dict], model: str, rate: float | None = No
     if not allow_remote:
         check_loopback(url)
     start = time.perf_counter()
-    results = asyncio.run(_run(url, model, requests, rate, concurrency, timeout_s, seed))
+    results = _run_to_end(_run(url, model, requests, rate, concurrency, timeout_s, seed))
     return summarize(results, time.perf_counter() - start), results
+
+
+def _run_to_end(coroutine):
+    """asyncio.run, also from code that already runs in an event loop (a Jupyter cell)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own, on a thread
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def summarize(results: list[Result], duration_s: float) -> dict:
