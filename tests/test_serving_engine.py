@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labsupport.model import ModelConfig, Transformer, generate
-from labsupport.serving import Engine, Request
+from labsupport.serving import Engine, Request, near_tie_gap
 
 CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=64)
@@ -42,19 +42,20 @@ def solo(request: Request) -> list[int]:
 
 
 def assert_solo_or_near_tie(request: Request) -> None:
-    """The output equals the solo greedy output, or differs first where the solo run had a tie.
+    """The output equals the solo greedy output, or differs first where the solo run had a tie."""
+    gap = near_tie_gap(MODEL, request.prompt, request.output, solo(request))
+    assert gap is None or gap < 1e-4, f"request {request.id} differs, top-two gap {gap}"
 
-    A batch reduces floats in another order; a flip is legitimate only where the top two
-    logits of the solo run were within 1e-4.
-    """
+
+def test_near_tie_gap_is_none_when_equal_and_the_solo_gap_otherwise():
+    request = Request(prompt=[1, 2, 3], max_tokens=5)
     alone = solo(request)
-    if request.output == alone:
-        return
-    first = next(i for i, (a, b) in enumerate(zip(request.output, alone, strict=True)) if a != b)
-    context = torch.tensor([request.prompt + alone[:first]])
+    assert near_tie_gap(MODEL, request.prompt, alone, alone) is None
+    other = alone[:2] + [(alone[2] + 1) % 256] + alone[3:]
     with torch.no_grad():
-        top2 = MODEL(context)[0, -1].topk(2).values
-    assert top2[0] - top2[1] < 1e-4, f"request {request.id} differs at token {first}"
+        top2 = MODEL(torch.tensor([request.prompt + alone[:2]]))[0, -1].topk(2).values
+    assert near_tie_gap(MODEL, request.prompt, other, alone) == pytest.approx(
+        float(top2[0] - top2[1]))
 
 
 @pytest.mark.parametrize("policy", ["static", "dynamic", "continuous"])

@@ -113,6 +113,8 @@ def test_models_and_health(served):
     ({"model": "tiny", "prompt": [1], "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny", "prompt": [1] * 60, "max_tokens": 10}, "max_tokens"),
     ({"model": "gpt-5", "prompt": [1], "max_tokens": 4}, "model"),
+    ({"model": "tiny", "prompt": [1], "max_tokens": 4, "seed": "abc"}, "seed"),
+    (b'{"model": "tiny", "prompt": [1], "max_tokens": 4, "temperature": NaN}', "temperature"),
 ])
 def test_bad_requests_get_openai_error_bodies(served, body, param):
     status, _, reply = served.post(body)
@@ -235,3 +237,25 @@ def test_the_load_generator_runs_inside_an_event_loop(served):
 
     summary, _ = asyncio.run(from_a_notebook_cell())
     assert summary["completed"] == 1
+
+
+def test_an_error_inside_a_step_fails_its_requests_and_the_server_carries_on(monkeypatch):
+    with Served() as s:
+        def broken(*args, **kwargs):
+            raise RuntimeError("a kernel failed")
+
+        monkeypatch.setattr(s.engine, "_forward", broken)
+        with pytest.raises(openai.InternalServerError, match="a kernel failed"):
+            s.client().completions.create(model="tiny", prompt=[1, 2], max_tokens=4,
+                                          timeout=10)
+        with pytest.raises(openai.APIError, match="a kernel failed"):
+            list(s.client().completions.create(model="tiny", prompt=[1, 2], max_tokens=4,
+                                               stream=True, timeout=10))
+        monkeypatch.undo()
+        out = s.client().completions.create(model="tiny", prompt=[1, 2], max_tokens=4,
+                                            temperature=0)
+        assert out.choices[0].model_extra["token_ids"] == solo(Request(prompt=[1, 2],
+                                                                        max_tokens=4))
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["engine_errors"] >= 1

@@ -7,6 +7,6 @@
 - `process`: `serve(...)`, the server in a subprocess on a free loopback port for a `with` block.
 """
 
-from .engine import POLICIES, Engine, Request, StepRecord
+from .engine import POLICIES, Engine, Request, StepRecord, near_tie_gap
 
-__all__ = ["POLICIES", "Engine", "Request", "StepRecord"]
+__all__ = ["POLICIES", "Engine", "Request", "StepRecord", "near_tie_gap"]

@@ -36,6 +36,26 @@ from ..model import Transformer, apply_rope, sample_next
 POLICIES = ("static", "dynamic", "continuous")
 
 
+@torch.no_grad()
+def near_tie_gap(model: Transformer, prompt: list[int], output: list[int],
+                 alone: list[int]) -> float | None:
+    """None if `output` equals `alone` (the solo greedy output); else the gap between the two
+    best logits of the solo run at the first token where they differ.
+
+    A batch adds floats in another order than a solo run; that may flip a near-tie (a gap
+    of ~1e-6), and nothing else.
+    """
+    if output == alone:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(output, alone, strict=False))
+                  if a != b),
+                 min(len(output), len(alone)))
+    device = model.norm.weight.device
+    context = torch.tensor([prompt + alone[:first]], device=device)
+    top2 = model(context)[0, -1].float().topk(2).values
+    return float(top2[0] - top2[1])
+
+
 @dataclass
 class Request:
     """One completion request and what happened to it (times from time.perf_counter())."""
@@ -50,6 +70,7 @@ class Request:
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
+    error: str | None = None  # why the engine dropped it, if it did
     on_token: object = None  # optional callable(request, token_id), called on the engine's thread
     on_done: object = None  # optional callable(request), called once when it finishes or is dropped
     done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -127,6 +148,18 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Stop a request; its slot is freed at the next step."""
         request.cancelled = True
+
+    def fail_all(self, reason: str) -> None:
+        """Drop every running and waiting request now (after an error inside a step)."""
+        with self.lock:
+            dropped = [r for r in self.slots if r is not None] + list(self.waiting)
+            self.slots = [None] * self.max_batch
+            self.waiting.clear()
+        for request in dropped:
+            request.cancelled, request.error = True, reason
+            request.finished = time.perf_counter()
+            self._generators.pop(request.id, None)
+            self._done(request)
 
     def drain(self) -> None:
         """No more requests are coming: static and dynamic batches need not wait to fill."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
+import traceback
 import uuid
 from contextlib import asynccontextmanager
 
@@ -30,11 +32,19 @@ class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.wake, self.stopping = threading.Event(), threading.Event()
+        self.errors = 0  # steps that raised
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def _run(self) -> None:
         while not self.stopping.is_set():
-            if not self.engine.step():
+            try:
+                ran = self.engine.step()
+            except Exception as e:  # one bad step must not stop the server: drop what it held
+                traceback.print_exc()
+                self.engine.fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                self.errors += 1
+                continue
+            if not ran:
                 # nothing ran: wait for a submit, or re-check soon if a batch is forming
                 self.wake.wait(0.005 if self.engine.waiting else 0.1)
                 self.wake.clear()
@@ -77,7 +87,10 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": engine.running, "waiting": len(engine.waiting)}
+        alive = loop.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped",
+                             "running": engine.running, "waiting": len(engine.waiting),
+                             "engine_errors": loop.errors}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -107,9 +120,13 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
         if type(max_tokens) is not int or max_tokens < 1:
             return error(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}",
                          "max_tokens")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            return error(400, f"temperature must be a number >= 0, got {temperature!r}",
+        if (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+                or not 0 <= temperature <= 100):
+            return error(400, f"temperature must be a number in [0, 100], got {temperature!r}",
                          "temperature")
+        seed = body.get("seed")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+            return error(400, f"seed must be an integer in [0, 2**63), got {seed!r}", "seed")
         if len(ids) + max_tokens > engine.cfg.max_seq_len:
             return error(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                               f"the model's context of {engine.cfg.max_seq_len} tokens",
@@ -123,7 +140,7 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
             aloop.call_soon_threadsafe(tokens.put_nowait, END)
 
         request = Request(prompt=ids, max_tokens=max_tokens, temperature=float(temperature),
-                          seed=body.get("seed"), on_token=on_token, on_done=on_done)
+                          seed=seed, on_token=on_token, on_done=on_done)
         try:
             engine.submit(request)
         except OverflowError as e:
@@ -155,6 +172,8 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
             finally:  # the handler was cancelled (client gone): free the slot
                 if not request.done.is_set():
                     engine.cancel(request)
+            if request.error:
+                return error(500, request.error, None, "server_error")
             return {**chunk(tokenizer.decode(request.output), request.output, finish_reason()),
                     "usage": usage()}
 
@@ -167,6 +186,11 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
                     if token is END:
                         break
                     yield f"data: {json.dumps(chunk(tokenizer.decode([token]), [token], None))}\n\n"
+                if request.error:  # OpenAI's way to fail a stream that has started
+                    body = {"error": {"message": request.error, "type": "server_error",
+                                      "param": None, "code": None}}
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
                 yield f"data: {json.dumps(chunk('', [], finish_reason()))}\n\n"
                 if include_usage:
                     data = {**chunk("", [], None), "choices": [], "usage": usage()}
