@@ -150,6 +150,24 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
         time.sleep(0.02)
 
 
+def test_a_client_that_disconnects_before_a_plain_response_frees_its_place():
+    # a static batch that waits a minute to fill: the request sits in the queue until cancelled
+    with Served(policy="static", static_timeout_s=60) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": [1, 2], "max_tokens": 8}),
+            {"Content-Type": "application/json"})
+        deadline = time.time() + 5
+        while not s.engine.waiting:
+            assert time.time() < deadline, "the request never arrived"
+            time.sleep(0.01)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        while s.engine.waiting or s.engine.running:
+            assert time.time() < deadline, "the request was kept after its client left"
+            time.sleep(0.02)
+
+
 def test_64_concurrent_streaming_clients(served):
     prompts = [[(7 * i + j) % 256 for j in range(1 + i % 9)] for i in range(64)]
     lengths = [4 + (5 * i) % 17 for i in range(64)]

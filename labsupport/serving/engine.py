@@ -91,6 +91,7 @@ class StepRecord:
     prefilled: int  # prompts run in this step
     held_tokens: int  # cache positions holding a real token, over all slots
     reserved_tokens: int  # positions reserved by the running requests (prompt + max_tokens)
+    keys_read: int = 0  # cache positions the decode attention read: sequences x longest span
 
 
 class Engine:
@@ -178,8 +179,10 @@ class Engine:
     def _admit(self, now: float) -> list[int]:
         """Move waiting requests into free slots as the policy allows; their slot numbers."""
         with self.lock:
-            while self.waiting and self.waiting[0].cancelled:
-                self._finish_unstarted(self.waiting.popleft())
+            if any(r.cancelled for r in self.waiting):  # anywhere in the queue, not only first
+                for request in [r for r in self.waiting if r.cancelled]:
+                    self._finish_unstarted(request)
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
             free = [i for i, r in enumerate(self.slots) if r is None]
             if not self.waiting or not free:
                 return []
@@ -292,6 +295,7 @@ class Engine:
             self._emit(slot, self._sample(request, logits[0]), time.perf_counter())
         self._retire(time.perf_counter())
         decoding = [s for s, r in enumerate(self.slots) if r is not None and s not in admitted]
+        keys_read = len(decoding) * (max((self.length[s] for s in decoding), default=-1) + 1)
         if decoding:  # decode: the newest token of every running sequence, all at once
             tokens = torch.tensor([[self.slots[s].output[-1]] for s in decoding], device=device)
             positions = torch.tensor([self.length[s] for s in decoding], device=device)
@@ -307,7 +311,8 @@ class Engine:
             start=start, seconds=time.perf_counter() - start, running=len(decoding),
             prefilled=len(admitted), held_tokens=sum(self.length[s] for s, r in
                                                      enumerate(self.slots) if r is not None),
-            reserved_tokens=sum(r.reserved_tokens for r in self.slots if r is not None)))
+            reserved_tokens=sum(r.reserved_tokens for r in self.slots if r is not None),
+            keys_read=keys_read))
         return True
 
     def run(self, requests: list[Request]) -> list[Request]:

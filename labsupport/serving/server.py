@@ -166,12 +166,20 @@ def create_app(engine: Engine, model_name: str, tokenizer) -> FastAPI:
                     "total_tokens": len(ids) + n}
 
         if not body.get("stream", False):
-            try:
+            async def all_tokens() -> None:
                 while (await tokens.get()) is not END:
                     pass
-            finally:  # the handler was cancelled (client gone): free the slot
+
+            waiter = asyncio.ensure_future(all_tokens())
+            try:  # a plain response is not cancelled when its client leaves: ask, now and then
+                while not (await asyncio.wait({waiter}, timeout=0.1))[0]:
+                    if await http.is_disconnected():
+                        return error(499, "the client closed the connection", None)
+            finally:  # done, or the client is gone: free the slot
+                waiter.cancel()
                 if not request.done.is_set():
                     engine.cancel(request)
+                    loop.wake.set()
             if request.error:
                 return error(500, request.error, None, "server_error")
             return {**chunk(tokenizer.decode(request.output), request.output, finish_reason()),
