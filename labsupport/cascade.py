@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from . import data
+from .measure import time_fn
 from .model import Transformer
 
 EOT = 0  # <|endoftext|>, which closes every file of the corpus
@@ -177,6 +178,18 @@ class LogisticRouter:
         return torch.sigmoid(x @ self.w[1:] + self.w[0]).numpy()
 
 
+def paired_gap(a_ok: np.ndarray, b_ok: np.ndarray, n_boot: int = 2000,
+               seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy of b minus accuracy of a on the same requests, with a 95% paired bootstrap."""
+    a, b = np.asarray(a_ok, float), np.asarray(b_ok, float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"a_ok and b_ok must be 1-D and of one length, got {a.shape}, {b.shape}")
+    diff = b - a
+    idx = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+    lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
+
+
 def auroc(score: np.ndarray, label: np.ndarray) -> float:
     """Probability that a random positive scores above a random negative (ties count half)."""
     score, label = np.asarray(score, float), np.asarray(label, bool)
@@ -220,6 +233,25 @@ class SpeculativeStats:
 def expected_tokens_per_round(alpha: float, k: int) -> float:
     """Leviathan et al.'s (1 - alpha^(k+1)) / (1 - alpha): tokens per target pass."""
     return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@torch.no_grad()
+def forward_seconds(model: Transformer, context_len: int, new_tokens: int,
+                    repeats: int = 30) -> float:
+    """Median seconds of one cached forward pass over `new_tokens` after `context_len` tokens.
+
+    One decode step is new_tokens=1; a speculative round's check is new_tokens=k+1.
+    """
+    device = model.norm.weight.device
+    cache = model.new_cache(1, context_len + new_tokens)
+    model(torch.ones(1, context_len, dtype=torch.long, device=device), cache=cache)
+    tokens = torch.ones(1, new_tokens, dtype=torch.long, device=device)
+
+    def step():
+        model(tokens, cache=cache, logits_to_keep=new_tokens)
+        cache.crop(context_len)
+
+    return time_fn(step, warmup=3, repeats=repeats, device=str(device)).median_s
 
 
 @torch.no_grad()

@@ -114,6 +114,18 @@ def test_the_learned_router_finds_a_signal_in_its_features():
         LogisticRouter().fit(x[:10], ok[:5])
 
 
+def test_the_paired_gap_brackets_a_real_difference():
+    rng = np.random.default_rng(5)
+    a = rng.random(3000) < 0.3
+    b = a | (rng.random(3000) < 0.1)  # b is right wherever a is, and sometimes more
+    gap, lo, hi = cascade.paired_gap(a, b)
+    assert np.isclose(gap, b.mean() - a.mean()) and 0 < lo < gap < hi
+    gap, lo, hi = cascade.paired_gap(a, a)
+    assert gap == lo == hi == 0
+    with pytest.raises(ValueError, match="one length"):
+        cascade.paired_gap(a, b[:10])
+
+
 def test_calibration_bins_hold_every_request():
     conf = np.linspace(0, 1, 100)
     rows = cascade.calibration(conf, conf > 0.5, bins=4)
@@ -171,6 +183,11 @@ def test_a_random_draft_has_almost_none_accepted():
     out = speculative_generate(TARGET, random_draft, PROMPTS[2], 40, k=4, stats=stats)
     assert torch.equal(out, generate(TARGET, PROMPTS[2], 40))
     assert stats.acceptance < 0.2 and stats.rounds >= 30
+
+
+def test_forward_seconds_times_one_cached_pass():
+    one, five = (cascade.forward_seconds(TARGET, 20, n, repeats=5) for n in (1, 5))
+    assert 0 < one < 1 and 0 < five < 1
 
 
 def test_expected_tokens_per_round_formula():
