@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from . import data
-from .measure import time_fn
 from .model import Transformer
 
 EOT = 0  # <|endoftext|>, which closes every file of the corpus
@@ -235,23 +234,24 @@ def expected_tokens_per_round(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-@torch.no_grad()
-def forward_seconds(model: Transformer, context_len: int, new_tokens: int,
-                    repeats: int = 30) -> float:
-    """Median seconds of one cached forward pass over `new_tokens` after `context_len` tokens.
+def cached_pass(model: Transformer, context_len: int, new_tokens: int):
+    """A function that runs one cached forward pass over `new_tokens` after `context_len`.
 
-    One decode step is new_tokens=1; a speculative round's check is new_tokens=k+1.
+    One decode step is new_tokens=1; a speculative round's check is new_tokens=k+1. Time
+    several of them side by side with `measure.time_interleaved`.
     """
     device = model.norm.weight.device
     cache = model.new_cache(1, context_len + new_tokens)
-    model(torch.ones(1, context_len, dtype=torch.long, device=device), cache=cache)
+    with torch.no_grad():
+        model(torch.ones(1, context_len, dtype=torch.long, device=device), cache=cache)
     tokens = torch.ones(1, new_tokens, dtype=torch.long, device=device)
 
-    def step():
+    @torch.no_grad()
+    def run() -> None:
         model(tokens, cache=cache, logits_to_keep=new_tokens)
-        cache.crop(context_len)
+        cache.crop(context_len)  # forget the pass, so that every call is the same
 
-    return time_fn(step, warmup=3, repeats=repeats, device=str(device)).median_s
+    return run
 
 
 @torch.no_grad()
