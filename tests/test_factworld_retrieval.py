@@ -39,6 +39,17 @@ def test_an_update_changes_the_stated_fraction_and_only_those_sentences():
     assert factworld.update(world, 0.0).documents == world.documents
 
 
+def test_passages_are_the_sentences_of_each_document():
+    world = factworld.build(n_products=5, n_teams=2, n_policies=2, seed=1)
+    chunks = factworld.passages(world)
+    for i, doc in enumerate(world.documents):
+        mine = [text for d, text in chunks if d == i]
+        assert " ".join(mine) == doc.split("\n", 1)[1]
+        assert all(text.endswith(".") for text in mine)
+    for q in world.answerable:  # each answer sits in one sentence of its own document
+        assert any(d == q.doc and q.answer in text for d, text in chunks)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: factworld.build(n_products=-1), "n_products must be"),
     (lambda: factworld.build(n_teams=0), "at least one team"),
