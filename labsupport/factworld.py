@@ -210,6 +210,17 @@ def passages(world: World) -> list[tuple[int, str]]:
     return out
 
 
+def other_phrasing(question: Question) -> str:
+    """The question asked with the other template of its attribute (answerable questions only)."""
+    if question.fact is None:
+        raise ValueError("an unanswerable question has no fact to rephrase")
+    f = question.fact
+    texts = [t.format(e=f.entity) for t in SCHEMA[f.kind][f.attribute][2]]
+    if question.text not in texts:
+        raise ValueError(f"{question.text!r} is not one of factworld's phrasings")
+    return texts[1 - texts.index(question.text)]
+
+
 def update(world: World, fraction: float, seed: int = 1) -> World:
     """A new version of `world` in which `fraction` of the facts have a different value.
 

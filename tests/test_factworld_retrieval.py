@@ -138,3 +138,14 @@ def test_recall_and_hybrid_on_the_world(embedder):
     assert recall_at_k(bm, texts, gold, len(world.documents)) == 1.0
     with pytest.raises(ValueError, match="one gold document per query"):
         recall_at_k(bm, texts, gold[:-1], 3)
+
+
+def test_search_many_equals_search_one_query_at_a_time():
+    docs = generated_corpus(40, 3)
+    queries = [" ".join(d.split()[:3]) for d in docs[:6]] + ["nothing matches this"]
+    for retriever in (BM25(docs), Hybrid(BM25(docs), BM25(docs, k1=0.9, b=0.3))):
+        many = retriever.search_many(queries, 4)
+        assert many == [retriever.search(q, 4) for q in queries]
+        np.testing.assert_allclose(retriever.scores_many(queries),
+                                   np.stack([retriever.scores(q) for q in queries]))
+    assert BM25(docs).search_many(["nothing matches this"], 3) == [[]]
