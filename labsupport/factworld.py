@@ -200,8 +200,8 @@ def _write(world: World) -> None:
 def passages(world: World) -> list[tuple[int, str]]:
     """Every document cut into sentences: (document index, sentence), title left out.
 
-    Retrieving sentences rather than whole pages gives a reader a short context; in a trial at
-    `cpu`, readers learned to answer from three sentences about twice as fast as from a page.
+    Retrieving sentences rather than whole pages gives a reader a short context: three sentences
+    are about half the tokens of a page, so a reader's training steps cost about half as much.
     """
     out = []
     for i, doc in enumerate(world.documents):
