@@ -196,6 +196,9 @@ MODELS: dict[str, ModelConfig] = {
     "Llama-3.1-8B": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                                 n_kv_heads=8, d_ff=14336, max_seq_len=131072,
                                 rope_theta=500000.0),
+    "Llama-3.1-70B": ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+                                 n_kv_heads=8, d_ff=28672, max_seq_len=131072,
+                                 rope_theta=500000.0),
 }
 MODEL_SOURCES = {
     "LLaMA-65B": "Touvron et al. 2023 (LLaMA, Table 2: 8192 wide, 64 heads, 80 layers), "
@@ -204,6 +207,7 @@ MODEL_SOURCES = {
     "Llama-2-13B": "Touvron et al. 2023 (Llama 2), config.json of meta-llama/Llama-2-13b-hf",
     "Llama-2-70B": "Touvron et al. 2023 (Llama 2, GQA with 8 KV heads), config.json",
     "Llama-3.1-8B": "Dubey et al. 2024 (The Llama 3 Herd of Models, Table 3), config.json",
+    "Llama-3.1-70B": "Dubey et al. 2024 (The Llama 3 Herd of Models, Table 3), config.json",
 }
 
 

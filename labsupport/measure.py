@@ -102,6 +102,29 @@ def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5,
     return {name: Timing(t) for name, t in times.items()}
 
 
+def decode_step_fn(model: torch.nn.Module, batch: int, context_len: int):
+    """A no-argument function that runs one decode step of `model` for `batch` sequences whose
+    KV caches already hold `context_len` tokens; the cache is rewound after each call, so the
+    step can be timed again and again (lab 42). The cached values are zeros: a step's time does
+    not depend on them."""
+    cfg = model.cfg
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if not (isinstance(context_len, int) and 0 <= context_len < cfg.max_seq_len):
+        raise ValueError(f"context_len must be an int in 0..{cfg.max_seq_len - 1} "
+                         f"(max_seq_len - 1), got {context_len!r}")
+    cache = model.new_cache(batch, context_len + 1)
+    cache.advance(context_len)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.norm.weight.device)
+
+    @torch.no_grad()
+    def step():
+        model(tokens, cache=cache, logits_to_keep=1)
+        cache.crop(context_len)
+
+    return step
+
+
 def count_ops(fn) -> dict[str, int]:
     """How many times fn() calls each ATen operator; each call pays eager PyTorch's fixed cost.
 
