@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .plot import wrapped_table
 from .runtime import atomic_path, cache_dir, machine
 
 # "reproduced (estimate)": the row redoes published arithmetic on published inputs, and it
@@ -78,14 +79,6 @@ class ClaimCheck:
             "verdict": [r.verdict for r in self.rows],
             "rule for the verdict; note": [f"{r.rule}" + (f". Note: {r.note}" if r.note else "")
                                            for r in self.rows]})
-        widths = {"claim (source)": "21%", "measured in this run": "33%", "verdict": "16%",
-                  "rule for the verdict; note": "30%"}
-        styles = [{"selector": "", "props": "table-layout: fixed; width: 100%; "
-                   "font-size: 0.85em; border-collapse: collapse;"},
-                  {"selector": "td, th", "props": "white-space: normal; overflow-wrap: break-word; "
-                   "text-align: left; vertical-align: top; padding: 4px 6px;"}]
-        styles += [{"selector": f"th.col_heading.col{i}", "props": f"width: {w};"}
-                   for i, w in enumerate(widths.values())]
-        return (shown.style.hide(axis="index").set_table_styles(styles)
+        return (wrapped_table(shown.style.hide(axis="index"), ["21%", "33%", "16%", "30%"])
                 .map(lambda v: f"background-color: {colours.get(v, '')}; font-weight: bold",
                      subset=["verdict"]))

@@ -22,6 +22,18 @@ def use_style() -> None:
     })
 
 
+def wrapped_table(styler, widths: list[str]):
+    """A pandas Styler laid out at fixed column widths (e.g. ["20%", "80%"]) whose cells wrap
+    their text, so that a table of prose never hides behind a sideways scroll."""
+    styles = [{"selector": "", "props": "table-layout: fixed; width: 100%; "
+               "font-size: 0.85em; border-collapse: collapse;"},
+              {"selector": "td, th", "props": "white-space: normal; overflow-wrap: break-word; "
+               "text-align: left; vertical-align: top; padding: 4px 6px;"}]
+    styles += [{"selector": f"th.col_heading.col{i}", "props": f"width: {w};"}
+               for i, w in enumerate(widths)]
+    return styler.set_table_styles(styles)
+
+
 def label_bars(ax: plt.Axes, fmt: str = "{:.3g}", rotation: int = 0) -> None:
     """Write each bar's height above it."""
     for container in ax.containers:

@@ -221,8 +221,9 @@ def replica(s: Scenario, gpus: int | None = None) -> tuple[int, int]:
     return g, fits(g)
 
 
-def decode_step_seconds(s: Scenario, batch: int, gpus: int) -> tuple[float, str]:
-    """(seconds of one decode step for `batch` sequences on `gpus` GPUs, the roof that binds).
+def decode_times(s: Scenario, batch: int, gpus: int) -> tuple[float, float]:
+    """(memory time, compute time) in seconds of one decode step for `batch` sequences on `gpus`
+    GPUs, each at roof_fraction of its roof; the step takes the larger.
 
     Memory: the weights once, plus each sequence's cache at its mean length during decoding
     (prompt + half the answer). Compute: measure.flops_per_token at that length, per sequence.
@@ -232,7 +233,12 @@ def decode_step_seconds(s: Scenario, batch: int, gpus: int) -> tuple[float, str]
     read = weight_bytes(s) + batch * cfg.kv_cache_bytes(1, 1, s.kv_bytes) * mean_context
     memory = read / (gpus * hw.mem_bandwidth * s.roof_fraction)
     flops = batch * flops_per_token(cfg, round(mean_context))
-    compute = flops / (gpus * peak_flops(s) * s.roof_fraction)
+    return memory, flops / (gpus * peak_flops(s) * s.roof_fraction)
+
+
+def decode_step_seconds(s: Scenario, batch: int, gpus: int) -> tuple[float, str]:
+    """(seconds of one decode step, the roof that binds it: "memory" or "compute")."""
+    memory, compute = decode_times(s, batch, gpus)
     return max(memory, compute), ("memory" if memory >= compute else "compute")
 
 
@@ -358,6 +364,27 @@ def owned_usd_per_mtok(s: Scenario, utilisation: float) -> float:
     return monthly / tokens * 1e6
 
 
+def users_per_server(s: Scenario) -> float:
+    """Users one server carries with its busiest hour at peak_load of its capacity."""
+    busy_requests = server_capacity(s)["requests/s"] * s.peak_load * s.busy_hours
+    return busy_requests * cost.SECONDS_PER_HOUR / s.requests_per_day
+
+
+def break_even_utilisation(s: Scenario, usd_per_mtok: float) -> float:
+    """Utilisation at which one owned server (staff included) costs `usd_per_mtok` per million
+    tokens; nan if it costs more even when fully busy. Cost falls as utilisation rises, so a
+    bisection finds it."""
+    if not usd_per_mtok > 0:
+        raise ValueError(f"usd_per_mtok must be > 0, got {usd_per_mtok!r}")
+    if owned_usd_per_mtok(s, 1.0) > usd_per_mtok:
+        return float("nan")
+    lo, hi = 1e-9, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if owned_usd_per_mtok(s, mid) > usd_per_mtok else (lo, mid)
+    return hi
+
+
 def break_even_users(s: Scenario, max_servers: int = 100_000) -> float:
     """Fewest users at which owning costs no more than the API (nan if none up to max_servers).
 
@@ -366,8 +393,7 @@ def break_even_users(s: Scenario, max_servers: int = 100_000) -> float:
     API's line (price per user-month times users) at most once.
     """
     api_per_user = s.requests_per_day * s.days_per_month * api_usd_per_request(s)
-    cap = server_capacity(s)["requests/s"]
-    per_server = cap * s.peak_load * s.busy_hours * cost.SECONDS_PER_HOUR / s.requests_per_day
+    per_server = users_per_server(s)
     many = on_prem(s.with_(users=1000 * per_server))  # 1000 full servers: staff is negligible
     if api_per_user <= (many["usd per month"] - s.staff_usd_per_year / 12) / (1000 * per_server):
         return float("nan")  # a full server costs more per user than the API: never breaks even

@@ -105,6 +105,14 @@ def test_break_even_is_where_owning_stops_costing_more_than_the_api():
     assert math.isnan(tco.break_even_users(BASE.with_(server_usd=5e6)))
 
 
+def test_break_even_utilisation_is_where_the_owned_cost_per_token_meets_the_price():
+    price = tco.owned_usd_per_mtok(BASE, 0.3)
+    assert tco.break_even_utilisation(BASE, price) == pytest.approx(0.3, rel=1e-6)
+    assert math.isnan(tco.break_even_utilisation(BASE, 0.5 * tco.owned_usd_per_mtok(BASE, 1.0)))
+    with pytest.raises(ValueError, match="usd_per_mtok"):
+        tco.break_even_utilisation(BASE, -1.0)
+
+
 @pytest.mark.parametrize("name, value", [
     ("server_usd", -1.0), ("usd_per_kwh", -0.1), ("cloud_usd_per_gpu_hour", 0.0),
     ("roof_fraction", 0.0), ("roof_fraction", 1.5), ("peak_load", 2.0), ("pue", 0.9),
