@@ -205,7 +205,18 @@ def test_bf16_cached_decoding_agrees_with_uncached():
     model = model.to(torch.bfloat16)
     prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(6))
     cached = generate(model, prompt, 100)
-    assert torch.equal(cached, generate(model, prompt, 100, use_cache=False))
+    uncached = generate(model, prompt, 100, use_cache=False)
+    # bf16 matmuls round differently for one row (a cached step) and for many (a full forward),
+    # and differently on CPUs with and without AVX-512 BF16; so greedy decoding may part, but
+    # only where the two best logits are within that rounding of each other
+    parted = (cached != uncached).any(dim=0).nonzero()
+    if len(parted):
+        at = int(parted[0])
+        with torch.no_grad():
+            logits = model(uncached[:, :at])[:, -1].float()  # the uncached choice of token `at`
+        best_two = logits.topk(2).values
+        gap = (best_two[:, 0] - best_two[:, 1])[cached[:, at] != uncached[:, at]]
+        assert (gap / logits.std() < 0.05).all(), f"parted at token {at} without a near-tie"
     # teacher-forced: every cached step's logits against the full bf16 forward at that position
     cache = model.new_cache(2)
     with torch.no_grad():
