@@ -83,7 +83,7 @@ class Scenario:
     rag_tokens: float = 2_000  # retrieved context added to every prompt
     output_tokens: float = 300
     days_per_month: float = 21.7  # working days (260 a year)
-    busy_hours: float = 10  # the day's requests arrive evenly within this many hours
+    busy_hours: float = 8  # the day's requests arrive evenly within this many hours
     # the API it is compared with
     api: str = "GPT-4o (Aug 2024)"  # a key of API_PRICES
 
@@ -165,7 +165,7 @@ SOURCES: dict[str, tuple[str, str, str]] = {
     "rag_tokens": ("assumption", "", "four retrieved passages of ~500 tokens"),
     "output_tokens": ("assumption", "", "a few paragraphs"),
     "days_per_month": ("assumption", "", "260 working days a year"),
-    "busy_hours": ("assumption", "", "a working day and a little more"),
+    "busy_hours": ("assumption", "", "a working day; no peak within it"),
     "api": ("openai2024pricing", "2024-08", "GPT-4o's price from Aug 2024 on"),
 }
 
@@ -271,7 +271,7 @@ def server_capacity(s: Scenario, gpus: int | None = None) -> dict:
     return {"gpus per copy": g, "copies": copies, "batch": batch, "decode bound by": bound,
             "step ms": 1e3 * step, "prefill share": prefill / per_request,
             "requests/s": rps, "output tokens/s": rps * s.output_tokens,
-            "tokens/s": rps * (s.prompt_tokens + s.rag_tokens + s.output_tokens)}
+            "tokens/s (in + out)": rps * (s.prompt_tokens + s.rag_tokens + s.output_tokens)}
 
 
 def implied_roof_fraction(s: Scenario, output_tokens_per_s: float, gpus: int,
@@ -360,7 +360,7 @@ def owned_usd_per_mtok(s: Scenario, utilisation: float) -> float:
     """$ per million tokens of a one-server deployment (staff included) run at `utilisation`."""
     items = server_usd_per_month(s, utilisation)
     monthly = sum(items.values()) + s.staff_usd_per_year / 12
-    tokens = server_capacity(s)["tokens/s"] * utilisation * SECONDS_PER_MONTH
+    tokens = server_capacity(s)["tokens/s (in + out)"] * utilisation * SECONDS_PER_MONTH
     return monthly / tokens * 1e6
 
 
@@ -385,25 +385,42 @@ def break_even_utilisation(s: Scenario, usd_per_mtok: float) -> float:
     return hi
 
 
-def break_even_users(s: Scenario, max_servers: int = 100_000) -> float:
-    """Fewest users at which owning costs no more than the API (nan if none up to max_servers).
+def _owned_line(s: Scenario, n: int, per_server: float) -> tuple[float, float]:
+    """(intercept, slope) of the owned monthly cost in users while n servers are needed: fixed
+    costs, plus power that grows with the load, are affine in users."""
+    u1, u2 = (n - 0.75) * per_server, (n - 0.25) * per_server
+    o1, o2 = (on_prem(s.with_(users=u))["usd per month"] for u in (u1, u2))
+    slope = (o2 - o1) / (u2 - u1)
+    return o1 - slope * u1, slope
 
-    With n servers the owned cost is affine in users (fixed costs, plus power that grows with
-    load), so each server count is solved exactly: two points give the line, which meets the
-    API's line (price per user-month times users) at most once.
+
+def break_even_users(s: Scenario, for_good: bool = False) -> float:
+    """Fewest users at which owning costs no more than the API; with `for_good`, the fewest
+    from which it stays so at every larger number. nan if never.
+
+    Servers come whole: just past each server's capacity the owned cost jumps by one server's
+    fixed cost, and the API can be cheaper again for a while, so the first break-even and the
+    lasting one can differ. With n servers the owned cost is a + F (n - 1) + b x users (F: one
+    server's fixed cost a month, b: power per user), and the API's is p x users, so the owned
+    line meets the API's at u_n = (a + F (n - 1)) / (p - b), solved for each n in turn.
     """
-    api_per_user = s.requests_per_day * s.days_per_month * api_usd_per_request(s)
+    p = s.requests_per_day * s.days_per_month * api_usd_per_request(s)  # API $ per user-month
     per_server = users_per_server(s)
-    many = on_prem(s.with_(users=1000 * per_server))  # 1000 full servers: staff is negligible
-    if api_per_user <= (many["usd per month"] - s.staff_usd_per_year / 12) / (1000 * per_server):
-        return float("nan")  # a full server costs more per user than the API: never breaks even
-    for n in range(1, max_servers + 1):
+    a, b = _owned_line(s, 1, per_server)
+    fixed = _owned_line(s, 2, per_server)[0] - a  # what one more server adds a month
+    if p - b <= fixed / per_server:
+        return float("nan")  # a full server costs at least the API's price per user: never
+    since = float("nan")  # where the current stretch of owning being cheaper began
+    n = 1
+    while True:
         lo, hi = (n - 1) * per_server, n * per_server
-        u1, u2 = lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo)
-        o1, o2 = (on_prem(s.with_(users=u))["usd per month"] for u in (u1, u2))
-        slope = (o2 - o1) / (u2 - u1)
-        if api_per_user > slope:
-            users = (o1 - slope * u1) / (api_per_user - slope)
-            if users <= hi:
-                return max(users, lo)
-    return float("nan")
+        meet = (a + fixed * (n - 1)) / (p - b)
+        if meet <= lo:  # cheaper over all of this server's range, and so at every n after it
+            return since if not math.isnan(since) else lo
+        if meet <= hi:
+            if not for_good:
+                return meet
+            since = meet
+        else:
+            since = float("nan")
+        n += 1

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -98,6 +99,18 @@ def test_break_even_is_where_owning_stops_costing_more_than_the_api():
         at, below = s.with_(users=users), s.with_(users=0.99 * users)
         assert tco.on_prem(at)["usd per month"] <= tco.api(at)["usd per month"] * (1 + 1e-9)
         assert tco.on_prem(below)["usd per month"] > tco.api(below)["usd per month"]
+    # with whole servers the API can be cheaper again past a server's capacity: the lasting
+    # break-even is where owning stays cheaper at every larger volume
+    s = BASE.with_(api="GPT-4.1 (Apr 2025)")
+    first, lasting = tco.break_even_users(s), tco.break_even_users(s, for_good=True)
+    assert first < lasting
+    between = [u for u in range(int(first) + 1, int(lasting)) if
+               tco.on_prem(s.with_(users=u))["usd per month"] > tco.api(s.with_(users=u))[
+                   "usd per month"]]
+    assert between, "the API should be cheaper again somewhere between the two"
+    for u in lasting * (1.0 + np.geomspace(1e-6, 10, 40)):
+        x = s.with_(users=float(u))
+        assert tco.on_prem(x)["usd per month"] <= tco.api(x)["usd per month"] * (1 + 1e-9)
     # a dearer API breaks even at fewer users
     assert (tco.break_even_users(BASE.with_(api="GPT-4 (Mar 2023)"))
             < tco.break_even_users(BASE.with_(api="GPT-4.1 (Apr 2025)")))
