@@ -21,7 +21,21 @@ define install_torch
 	fi
 endef
 
-.PHONY: book test test-min lint unit notebooks book-check clean
+.PHONY: book lab test test-min lint unit notebooks book-check clean
+
+# MathJax is served from the book's own files, so that a page typesets its mathematics without
+# a network: the npm registry's tarball (checked against its published hash by npm), unpacked.
+MATHJAX_VERSION := 3.2.2
+MATHJAX := _build/static/mathjax/tex-mml-chtml.js
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "npm is needed to fetch MathJax $(MATHJAX_VERSION)" \
+	  "for offline reading (Debian/Ubuntu: apt-get install npm)"; exit 1; }
+	rm -rf _build/npm _build/static/mathjax
+	mkdir -p _build/npm _build/static
+	cd _build/npm && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null && \
+	  tar xzf mathjax-$(MATHJAX_VERSION).tgz package/es5
+	mv _build/npm/package/es5 _build/static/mathjax
+	rm -rf _build/npm
 
 $(STAMP): requirements.txt requirements-gpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +49,7 @@ $(STAMP): requirements.txt requirements-gpu.txt pyproject.toml
 # Executes every notebook at the default profile (LABS_PROFILE, else gpu with CUDA, else cpu)
 # with Jupyter Book's execution cache. The cache is keyed on notebook contents only, so it is
 # dropped when the profile changes.
-book: $(STAMP)
+book: $(STAMP) $(MATHJAX)
 	@prof=$$($(BIN)/python -c 'from labsupport.runtime import profile; print(profile())'); \
 	mkdir -p _build; \
 	if [ "$$(cat _build/.profile 2>/dev/null)" != "$$prof" ]; then rm -rf _build/.jupyter_cache; fi; \
@@ -43,6 +57,10 @@ book: $(STAMP)
 	echo "Building the book at profile '$$prof'"; \
 	$(BIN)/jupyter-book build . --path-output . && \
 	echo "The book is at $(abspath _build/html/index.html)"
+
+# JupyterLab on the notebooks, from the course's environment (on this machine only: 127.0.0.1)
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 test: lint unit notebooks book-check
 
@@ -62,7 +80,7 @@ notebooks: $(STAMP)
 	mkdir -p $(LABS_CACHE)
 	$(BIN)/pytest --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider notebooks/
 
-book-check: $(STAMP)
+book-check: $(STAMP) $(MATHJAX)
 	mkdir -p $(LABS_CACHE)
 	rm -rf _build/test/_build
 	$(BIN)/jupyter-book build . --path-output _build/test -W -n --keep-going
