@@ -96,3 +96,46 @@ def test_price_here_is_the_gpu_row_or_the_assumed_cpu_vm():
     assert cost.usd_per_hour_here("NVIDIA H200 SXM")[0] == cost.hardware("H200").usd_per_hour
     price, what = cost.usd_per_hour_here("Tesla T4")  # not in the table: priced as an H100
     assert price == cost.hardware("H100").usd_per_hour and "H100" in what
+
+
+def _notebook(path, code):
+    path.write_text(json.dumps({"cells": [{"cell_type": "code", "source": code,
+                                           "outputs": [], "execution_count": None,
+                                           "metadata": {}}]}))
+
+
+def test_collect_takes_only_records_of_the_current_notebook_at_the_profile(
+        private_cache, tmp_path, monkeypatch):
+    from labsupport import claims, runtime
+
+    monkeypatch.chdir(tmp_path)
+    _notebook(tmp_path / "98_a.ipynb", "x = 1")
+    _notebook(tmp_path / "99_b.ipynb", "y = 2")
+    for lab in ("98_a", "99_b"):
+        check = ClaimCheck(lab)
+        check.add("claim", "source", "measured", "holds", rule="holds if it does")
+        check.save()
+    profile = runtime.profile()
+    records = claims.collect(tmp_path, ["98_a", "99_b"], profile)
+    assert [r["notebook"] for r in records] == ["98_a", "99_b"]
+    assert records[0]["source_hash"] == claims.source_hash(tmp_path / "98_a.ipynb")
+    # a changed notebook, another profile, a missing lab: each is named, none is used
+    _notebook(tmp_path / "99_b.ipynb", "y = 3")
+    with pytest.raises(RuntimeError, match="99_b: recorded by another version"):
+        claims.collect(tmp_path, ["98_a", "99_b"], profile)
+    other = next(p for p in ("smoke", "cpu", "gpu") if p != profile)
+    with pytest.raises(RuntimeError, match=f"98_a: recorded at profile '{profile}', not '{other}'"):
+        claims.collect(tmp_path, ["98_a"], other)
+    with pytest.raises(RuntimeError, match="97_c: no record"):
+        claims.collect(tmp_path, ["97_c"], profile)
+
+
+def test_labs_in_toc_lists_the_lab_notebooks_in_order(tmp_path):
+    from labsupport import claims
+
+    toc = tmp_path / "_toc.yml"
+    toc.write_text("root: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+                   "      - file: notebooks/00_x\n      - file: book/part\n"
+                   "      - file: notebooks/41_y\n  - caption: Reference\n    chapters:\n"
+                   "      - file: notebooks/90_claims\n")
+    assert claims.labs_in_toc(toc) == ["00_x", "41_y"]
