@@ -65,7 +65,7 @@ lab: $(STAMP)
 test: lint unit notebooks book-check
 
 lint: $(STAMP)
-	$(BIN)/ruff check labsupport tests notebooks
+	$(BIN)/ruff check labsupport tests notebooks tools book/_ext
 
 unit: $(STAMP)
 	$(BIN)/pytest tests
@@ -75,14 +75,20 @@ unit: $(STAMP)
 notebooks book-check: export LABS_PROFILE := smoke
 notebooks book-check: export LABS_CACHE := $(abspath _build/test/labs-cache)
 
+# nbval runs every notebook once and tools/nbval_outputs.py keeps what each produced; the strict
+# book build then renders those outputs from its execution cache instead of running every
+# notebook again (a notebook nbval did not pass, or one changed since, the build runs itself).
 notebooks: $(STAMP)
 	rm -rf _build/test
 	mkdir -p $(LABS_CACHE)
-	$(BIN)/pytest --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider notebooks/
+	NBVAL_OUTPUTS_DIR=_build/test/executed $(BIN)/python -m pytest -p tools.nbval_outputs \
+	  --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider notebooks/
 
 book-check: $(STAMP) $(MATHJAX)
 	mkdir -p $(LABS_CACHE)
 	rm -rf _build/test/_build
+	if [ -d _build/test/executed ]; then $(BIN)/python tools/cache_executed.py \
+	  _build/test/_build/.jupyter_cache _build/test/executed notebooks; fi
 	$(BIN)/jupyter-book build . --path-output _build/test -W -n --keep-going
 
 # The unit tests against the oldest releases pyproject.toml admits: every `>=` floor installed

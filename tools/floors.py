@@ -1,4 +1,4 @@
-"""Print pyproject.toml's dependencies with every `>=` floor pinned exactly (for `make test-min`)."""
+"""Print pyproject.toml's dependencies with every `>=` floor pinned exactly (`make test-min`)."""
 
 import re
 import sys
