@@ -21,7 +21,7 @@ define install_torch
 	fi
 endef
 
-.PHONY: book lab test test-min lint unit notebooks book-check clean
+.PHONY: book lab test test-min lint unit notebooks book-check browser-check clean
 
 # MathJax is served from the book's own files, so that a page typesets its mathematics without
 # a network: the npm registry's tarball (checked against its published hash by npm), unpacked.
@@ -62,7 +62,7 @@ book: $(STAMP) $(MATHJAX)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
-test: lint unit notebooks book-check
+test: lint unit notebooks book-check browser-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check labsupport tests notebooks tools book/_ext
@@ -90,6 +90,14 @@ book-check: $(STAMP) $(MATHJAX)
 	if [ -d _build/test/executed ]; then $(BIN)/python tools/cache_executed.py \
 	  _build/test/_build/.jupyter_cache _build/test/executed notebooks; fi
 	$(BIN)/jupyter-book build . --path-output _build/test -W -n --keep-going
+
+# Every page of the strict build opened in headless Chromium (tools/browser_check.py: console
+# errors, images, links and anchors, MathJax, launch buttons, search); screenshots of every page
+# in _build/test/screenshots. Without Chromium it says loudly that it was skipped, and passes.
+browser-check: $(STAMP)
+	@$(BIN)/python tools/browser_check.py _build/test/_build/html _build/test/screenshots; \
+	rc=$$?; if [ $$rc -eq 2 ]; then echo "*** THE BROWSER CHECK WAS SKIPPED (see above) ***"; \
+	exit 0; fi; exit $$rc
 
 # The unit tests against the oldest releases pyproject.toml admits: every `>=` floor installed
 # exactly (tools/floors.py), in a second venv, so that the floors are tested, not guessed.

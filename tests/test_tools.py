@@ -57,3 +57,16 @@ def test_nbval_keeps_outputs_and_the_book_cache_reuses_them(tmp_path):
     _notebook(src / "good.ipynb", ["x = 6 * 8\nprint(x)", "x + 1"])
     cache_executed.main(str(tmp_path / "cache2"), str(out), str(src))
     assert not get_cache(str(tmp_path / "cache2")).list_cache_records()
+
+
+def test_browser_check_finds_missing_pages_and_anchors(tmp_path):
+    import browser_check
+
+    (tmp_path / "a.html").write_text('<h1 id="top">A</h1><p id="x">x</p>')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "index.html").write_text("<p>index</p>")
+    base = "http://127.0.0.1:8000/"
+    links = [base + "a.html#x", base + "a.html#top", base + "sub/", base + "a.html",
+             base + "b.html", base + "a.html#nowhere", "https://example.org/c.html"]
+    bad = browser_check.broken_links(tmp_path, tmp_path / "a.html", links, base)
+    assert bad == [f"missing page {base}b.html", f"missing anchor {base}a.html#nowhere"]
