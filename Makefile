@@ -21,7 +21,7 @@ define install_torch
 	fi
 endef
 
-.PHONY: book lab test test-min lint unit notebooks book-check browser-check clean
+.PHONY: book lab test test-min test-wheel lint unit notebooks book-check browser-check clean
 
 # MathJax is served from the book's own files, so that a page typesets its mathematics without
 # a network: the npm registry's tarball (checked against its published hash by npm), unpacked.
@@ -118,6 +118,28 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip list --format=freeze | \
 	  grep -iE '^(torch|transformers|tokenizers|safetensors|pandas|numpy)=='
 	$(MIN_VENV)/bin/pytest tests -p no:cacheprovider -q
+
+# What Colab does: labsupport installed from a built wheel (no editable install, no clone on
+# sys.path) into a fresh venv, then a notebook run at `smoke` in a folder outside the repository.
+WHEEL_VENV := _build/venv-wheel
+WHEEL_NOTEBOOK := notebooks/42_on_prem_vs_api.ipynb
+test-wheel: $(STAMP)
+	rm -rf $(WHEEL_VENV) _build/wheel
+	$(BIN)/python -m pip wheel --quiet --no-deps -w _build/wheel .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(call install_torch,$(WHEEL_VENV)/bin,$(TORCH_PIN))
+	$(WHEEL_VENV)/bin/python -m pip install --quiet _build/wheel/labsupport-*.whl \
+	  $$(grep -E '^(nbclient|ipykernel)==' requirements.txt) nbclient
+	run=$$(mktemp -d) && cp $(WHEEL_NOTEBOOK) $$run/ && cd $$run && \
+	  $(abspath $(WHEEL_VENV))/bin/python -c "import labsupport, sys; \
+	    assert '$(abspath $(WHEEL_VENV))' in labsupport.__file__, labsupport.__file__; \
+	    print('labsupport from', labsupport.__file__)" && \
+	  LABS_PROFILE=smoke LABS_CACHE=$$run/cache $(abspath $(WHEEL_VENV))/bin/python -c \
+	    "import nbformat, nbclient; nb = nbformat.read('$(notdir $(WHEEL_NOTEBOOK))', 4); \
+	    nbclient.NotebookClient(nb, timeout=600, kernel_name='python3').execute(); \
+	    print('ran $(notdir $(WHEEL_NOTEBOOK)) from the wheel')" && \
+	  cd / && rm -rf $$run
 
 clean:
 	rm -rf _build
