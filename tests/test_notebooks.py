@@ -120,3 +120,11 @@ def test_every_reference_has_a_url_or_doi():
             continue
         assert re.search(r"^\s*(url|doi)\s*=|\\url\{", entry, re.M), (
             f"{key.group(1)} has no url or doi a reader can follow")
+
+
+def test_a_part_name_appears_once_in_the_sidebar():
+    # a part's caption and the title of its overview page would otherwise repeat each other
+    captions = set(re.findall(r"caption:\s*(.+)", TOC))
+    for page in re.findall(r"file:\s*(book/\S+)", TOC):
+        title = (ROOT / f"{page}.md").read_text().splitlines()[0].lstrip("# ").strip()
+        assert title not in captions, f"{page}.md is titled like its part, {title!r}"
