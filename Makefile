@@ -126,6 +126,7 @@ WHEEL_NOTEBOOK := notebooks/42_on_prem_vs_api.ipynb
 test-wheel: $(STAMP)
 	rm -rf $(WHEEL_VENV) _build/wheel
 	$(BIN)/python -m pip wheel --quiet --no-deps -w _build/wheel .
+	rm -rf build  # setuptools' scratch folder, left in the clone
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(call install_torch,$(WHEEL_VENV)/bin,$(TORCH_PIN))
