@@ -23,7 +23,7 @@ from . import data, zoo
 from .measure import flops_per_token, generation_flops
 from .model import ModelConfig, Transformer, generate
 from .runtime import cache_dir, cached_json, cached_tensors, device, map_in_workers, stable_hash
-from .train import TrainConfig, evaluate_loss, train
+from .train import TrainConfig, evaluate_loss, run_flops, train
 
 
 def _check(temperature: float, alpha: float) -> None:
@@ -233,7 +233,7 @@ def train_flops(spec: StudentRun) -> dict[str, float]:
     t = spec.train
     tokens = t.steps * t.tokens_per_step
     context = (t.seq_len + 1) / 2  # a window's positions attend to 1..seq_len tokens
-    student = flops_per_token(spec.model, context, training=True) * tokens
+    student = run_flops(spec.model, t)
     teacher_cfg = spec.teacher_spec().model
     if spec.method == "soft":
         teacher = flops_per_token(teacher_cfg, context) * tokens

@@ -31,7 +31,7 @@ from .measure import flops_per_token
 from .model import Transformer, generate
 from .retrieval import BM25
 from .runtime import cache_dir, cached_tensors, device, map_in_workers, stable_hash
-from .train import TrainConfig, lr_at, make_optimizer
+from .train import TrainConfig, lr_at, make_optimizer, run_flops
 
 ABSTAIN = "unknown"  # what a model says when it does not know
 ROLES = ("reader", "closed_book")
@@ -228,9 +228,7 @@ class QARun:
 
 def pretrain_flops(spec: zoo.ZooSpec) -> float:
     """Matmul FLOPs of training a zoo model from scratch (3x forward at a window's mean context)."""
-    t = spec.train
-    return flops_per_token(spec.model, (t.seq_len + 1) / 2, training=True) * t.steps * \
-        t.tokens_per_step
+    return run_flops(spec.model, spec.train)
 
 
 def run(spec: QARun, progress: bool = False) -> dict:

@@ -18,6 +18,8 @@ with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to t
     from tqdm.auto import tqdm
 
 from .data import get_batch
+from .measure import flops_per_token
+from .model import ModelConfig
 
 
 @dataclass
@@ -47,6 +49,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def run_flops(cfg: ModelConfig, tc: TrainConfig) -> float:
+    """Matmul FLOPs of training a model of shape `cfg` with `tc`: 3x a forward pass per training
+    token (measure.flops_per_token), at the mean context of a window, whose positions attend to
+    1..seq_len tokens."""
+    tokens = tc.steps * tc.tokens_per_step
+    return flops_per_token(cfg, (tc.seq_len + 1) / 2, training=True) * tokens
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

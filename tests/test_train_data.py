@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 from labsupport import data
 from labsupport.runtime import cache_dir
@@ -110,3 +110,14 @@ def test_evaluate_loss_is_the_mean_of_batch_losses():
     assert len(losses) == 5 and len(set(losses)) > 1
     assert evaluate_loss(model, data, 32, batch_size=4, n_batches=5) == pytest.approx(
         sum(losses) / 5)
+
+
+def test_run_flops_is_three_forward_passes_per_training_token():
+    from labsupport import measure
+    from labsupport.train import run_flops
+
+    cfg = tiny_config()
+    tc = TrainConfig(steps=10, batch_size=4, seq_len=32)
+    per_token = measure.flops_per_token(cfg, 16.5, training=True)
+    assert per_token == 3 * measure.flops_per_token(cfg, 16.5)
+    assert run_flops(cfg, tc) == per_token * 10 * 4 * 32
