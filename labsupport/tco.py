@@ -278,9 +278,7 @@ def implied_roof_fraction(s: Scenario, output_tokens_per_s: float, gpus: int,
                           servers: float = 1.0) -> float:
     """The roof_fraction at which the model predicts a published throughput (output tokens/s
     on `servers` x `gpus` GPUs for s's request shape): prediction is linear in it."""
-    for name, value in {"output_tokens_per_s": output_tokens_per_s, "servers": servers}.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
+    cost._positive(output_tokens_per_s=output_tokens_per_s, servers=servers)
     at_roof = server_capacity(s.with_(roof_fraction=1.0, gpus_per_server=gpus), gpus)
     return output_tokens_per_s / (servers * at_roof["output tokens/s"])
 
@@ -374,8 +372,7 @@ def break_even_utilisation(s: Scenario, usd_per_mtok: float) -> float:
     """Utilisation at which one owned server (staff included) costs `usd_per_mtok` per million
     tokens; nan if it costs more even when fully busy. Cost falls as utilisation rises, so a
     bisection finds it."""
-    if not usd_per_mtok > 0:
-        raise ValueError(f"usd_per_mtok must be > 0, got {usd_per_mtok!r}")
+    cost._positive(usd_per_mtok=usd_per_mtok)
     if owned_usd_per_mtok(s, 1.0) > usd_per_mtok:
         return float("nan")
     lo, hi = 1e-9, 1.0
