@@ -70,3 +70,13 @@ def test_browser_check_finds_missing_pages_and_anchors(tmp_path):
              base + "b.html", base + "a.html#nowhere", "https://example.org/c.html"]
     bad = browser_check.broken_links(tmp_path, tmp_path / "a.html", links, base)
     assert bad == [f"missing page {base}b.html", f"missing anchor {base}a.html#nowhere"]
+
+
+def test_the_book_loads_no_widget_javascript_from_the_network():
+    # with ipywidgets in the kernel, tqdm's bars are widgets, and myst-nb would load their
+    # JavaScript from a CDN on every page that shows one (a cpu build's first lab does)
+    yaml = pytest.importorskip("yaml")
+    NbParserConfig = pytest.importorskip("myst_nb.core.config").NbParserConfig
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
+    scripts = config.get("nb_ipywidgets_js", NbParserConfig().ipywidgets_js)
+    assert not [s for s in scripts if s.startswith(("http:", "https:", "//"))], scripts
