@@ -13,20 +13,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import nbformat
 from jupyter_cache import get_cache
 
-
-def code(nb) -> list[str]:
-    return [c.source for c in nb.cells if c.cell_type == "code"]
+from labsupport.claims import source_hash  # the hash of a notebook's code cells
 
 
 def main(cache_dir: str, executed_dir: str, source_dir: str) -> None:
     cache = get_cache(cache_dir)
     for executed in sorted(Path(executed_dir).glob("*.ipynb")):
         source = Path(source_dir) / executed.name
-        if not source.is_file() or code(nbformat.read(source, 4)) != code(
-                nbformat.read(executed, 4)):
+        if not source.is_file() or source_hash(source) != source_hash(executed):
             print(f"not cached (its source changed or is gone): {executed.name}")
             continue
         cache.cache_notebook_file(str(executed), uri=str(source), check_validity=False,
